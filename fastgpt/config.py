@@ -1,0 +1,211 @@
+"""Training configuration, its presets, and the `--key=value` command line generated from dataclasses.
+
+Every field of a config dataclass is a flag; its default and the comment beside it are its `--help`.
+Errors a user can cause raise `UserError`, which the entry points turn into one line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import re
+import sys
+import types
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+
+class UserError(Exception):
+    """A problem with the user's input (flags, files, prompts): reported in one line, exit code 2."""
+
+
+def run_main(main: Callable[[list[str]], int | None], prog: str) -> None:
+    """Run an entry point, turning UserError into one line on stderr and exit code 2."""
+    try:
+        code = main(sys.argv[1:])
+    except UserError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)
+
+
+@dataclass
+class TrainConfig:
+    # defaults are nanoGPT's shakespeare_char config; see PRESETS for the cpu recipe
+    out_dir: str = "out"  # checkpoints (ckpt.pt latest, best.pt best val) and metrics.jsonl go here
+    data_file: str = ""  # UTF-8 text to train on; empty = Tiny Shakespeare, downloaded into data_dir
+    data_dir: str = "data"  # where the corpus is downloaded and encoded splits are cached
+    resume: bool = False  # continue exactly from out_dir/ckpt.pt
+    eval_interval: int = 250  # iterations between evaluations (and checkpoints)
+    eval_iters: int = 200  # batches per split in each evaluation
+    log_interval: int = 10  # iterations between log lines
+    batch_size: int = 64  # sequences per micro-batch
+    block_size: int = 256  # context length
+    n_layer: int = 6  # transformer blocks
+    n_head: int = 6  # attention heads
+    n_embd: int = 384  # residual stream width
+    dropout: float = 0.2  # dropout rate in training
+    bias: bool = False  # biases in Linear and LayerNorm layers
+    attn_window: int | None = None  # sliding attention window (None = full causal)
+    learning_rate: float = 1e-3  # peak learning rate
+    max_iters: int = 5000  # total optimizer steps
+    weight_decay: float = 0.1  # AdamW weight decay on >= 2-D weights
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.99  # AdamW beta2
+    grad_clip: float = 1.0  # clip the global gradient norm to this; 0 = off
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
+    decay_lr: bool = True  # cosine learning-rate decay after warmup
+    warmup_iters: int = 100  # linear warmup steps
+    lr_decay_iters: int = 5000  # step at which the cosine reaches min_lr
+    min_lr: float = 1e-4  # floor of the learning rate
+    device: str = "auto"  # auto (cuda if available), cpu, cuda, cuda:N
+    dtype: str = "auto"  # auto (bfloat16 autocast on CUDA, float32 on CPU), float32, bfloat16
+    compile: bool | None = None  # torch.compile the model; None = on for CUDA, off on CPU (measured faster)
+    reference: bool = False  # run every kernel as its PyTorch reference
+    seed: int = 1337  # seeds the weights, dropout and batch sampling
+    sample_chars: int = 200  # characters of sample printed at the end; 0 = none
+
+    def validate(self) -> None:
+        positive = ["eval_interval", "eval_iters", "log_interval", "batch_size", "block_size", "n_layer",
+                    "n_head", "n_embd", "gradient_accumulation_steps", "lr_decay_iters"]
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        for name in ["max_iters", "warmup_iters", "sample_chars"]:
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise UserError(f"--n_embd={self.n_embd} must be a multiple of --n_head={self.n_head}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.attn_window is not None and self.attn_window < 1:
+            raise UserError(f"--attn_window must be >= 1 or None, got {self.attn_window}")
+        if self.learning_rate <= 0 or self.min_lr < 0 or self.min_lr > self.learning_rate:
+            raise UserError("need 0 <= --min_lr <= --learning_rate and --learning_rate > 0")
+        if self.grad_clip < 0 or self.weight_decay < 0:
+            raise UserError("--grad_clip and --weight_decay must be >= 0")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise UserError(f"--dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+
+PRESETS: dict[str, TrainConfig] = {
+    "shakespeare_char": TrainConfig(),
+    # nanoGPT's CPU recipe (README of karpathy/nanoGPT)
+    "cpu": TrainConfig(eval_iters=20, block_size=64, batch_size=12, n_layer=4, n_head=4, n_embd=128,
+                       max_iters=2000, lr_decay_iters=2000, dropout=0.0),
+}
+
+# fields that fix the model's shape: a resumed run must keep them
+ARCHITECTURE_FIELDS = ("block_size", "n_layer", "n_head", "n_embd", "bias", "attn_window")
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """The trailing `# comment` of each field in a dataclass's source: its help text."""
+    comments = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+):[^#]*#\s*(.*)$", line)
+        if m:
+            comments[m.group(1)] = m.group(2)
+    return comments
+
+
+def _is_bool(hint: object) -> bool:
+    """True for `bool` and `bool | None` fields: flags that may stand alone or as --no-NAME."""
+    return hint is bool or set(typing.get_args(hint)) == {bool, type(None)}
+
+
+def _convert(name: str, text: str, hint: object) -> object:
+    """Parse a flag's text as the field's type."""
+    args = typing.get_args(hint)
+    optional = (typing.get_origin(hint) in (typing.Union, types.UnionType)) and type(None) in args
+    if optional:
+        if text.lower() == "none":
+            return None
+        hint = next(a for a in args if a is not type(None))
+    if hint is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise UserError(f"--{name} takes true or false, got {text!r}")
+    try:
+        return hint(text)
+    except ValueError:
+        raise UserError(f"--{name} takes {'an integer' if hint is int else 'a number'}, got {text!r}") from None
+
+
+def format_help(cls: type, prog: str, defaults: object, extra: str = "") -> str:
+    hints = typing.get_type_hints(cls)
+    comments = field_comments(cls)
+    lines = [f"usage: python -m {prog} [--key=value ...]", ""]
+    if extra:
+        lines += [extra, ""]
+    for f in dataclasses.fields(cls):
+        flag = f"--[no-]{f.name}" if _is_bool(hints[f.name]) else f"--{f.name}"
+        lines.append(f"  {flag:<32} {comments.get(f.name, '')} (default: {getattr(defaults, f.name)!r})")
+    return "\n".join(lines)
+
+
+def parse_flags(cls: type, argv: Sequence[str], defaults: object) -> tuple[object, set[str]]:
+    """Parse `--key=value` / `--key value` / `--flag` / `--no-flag` into a copy of `defaults`.
+
+    Returns the config and the set of field names given on the command line.
+    """
+    hints = typing.get_type_hints(cls)
+    values: dict[str, object] = {}
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        if not arg.startswith("--"):
+            raise UserError(f"unexpected argument {arg!r}: flags look like --key=value")
+        key, eq, text = arg[2:].partition("=")
+        name = key.replace("-", "_")
+        if not eq and name.startswith("no_") and _is_bool(hints.get(name[3:])):
+            values[name[3:]] = False
+            continue
+        if name not in hints:
+            close = [f.name for f in dataclasses.fields(cls) if name in f.name or f.name in name]
+            hint = f" (did you mean --{close[0]}?)" if close else ""
+            raise UserError(f"unknown flag --{key}{hint}; see --help for the list")
+        if not eq:
+            if _is_bool(hints[name]):
+                values[name] = True
+                continue
+            if not args:
+                raise UserError(f"--{key} needs a value: --{key}=VALUE")
+            text = args.pop(0)
+        values[name] = _convert(name, text, hints[name])
+    return dataclasses.replace(defaults, **values), set(values)
+
+
+def parse_train_args(argv: Sequence[str], cuda_available: bool) -> tuple[TrainConfig, set[str]]:
+    """TrainConfig from the command line: `--preset NAME` picks the base, flags override it.
+
+    With no preset: shakespeare_char when CUDA is available, cpu otherwise. `--help` prints the flags
+    and exits.
+    """
+    argv = list(argv)
+    preset = "shakespeare_char" if cuda_available else "cpu"
+    rest = []
+    while argv:
+        arg = argv.pop(0)
+        if arg == "--preset" or arg.startswith("--preset="):
+            preset = arg.partition("=")[2] if "=" in arg else (argv.pop(0) if argv else "")
+            if preset not in PRESETS:
+                raise UserError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
+        else:
+            rest.append(arg)
+    if "--help" in rest or "-h" in rest:
+        print(format_help(TrainConfig, "fastgpt.train", PRESETS[preset],
+                          f"  --preset NAME  one of {', '.join(PRESETS)} (this machine's default: "
+                          f"{'shakespeare_char' if cuda_available else 'cpu'}); defaults below are {preset}'s"))
+        sys.exit(0)
+    cfg, given = parse_flags(TrainConfig, rest, PRESETS[preset])
+    cfg.validate()
+    return cfg, given

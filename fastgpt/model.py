@@ -1,0 +1,240 @@
+"""The GPT: a pre-norm, decoder-only Transformer over characters, as in nanoGPT and "Let's build GPT".
+
+Modules here only hold parameters and call the ops in `kernels` (LayerNorm, causal attention, linear +
+GELU), which run Triton kernels or their PyTorch references as `kernels.set_backend` says. Parameter
+names are nanoGPT's, so its users can read (and load) them.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 65  # number of distinct characters in the corpus
+    block_size: int = 256  # longest context the model sees
+    n_layer: int = 6  # transformer blocks
+    n_head: int = 6  # attention heads per block
+    n_embd: int = 384  # width of the residual stream
+    dropout: float = 0.2  # on attention probabilities, residual branches and embeddings
+    bias: bool = False  # biases in Linear and LayerNorm layers
+    attn_window: int | None = None  # sliding attention window; None = full causal attention
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (PyTorch's cannot drop only the bias)."""
+
+    def __init__(self, ndim: int, bias: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.layer_norm(x, self.weight, self.bias, 1e-5)
+
+
+class KVCache:
+    """Keys and values of one attention layer for the positions generated so far.
+
+    Allocated on first use for the full context, (B, H, block_size, head_dim), in the dtype the layer
+    computes in (autocast included), so a generation step writes one position instead of concatenating.
+    """
+
+    def __init__(self, block_size: int):
+        self.block_size = block_size
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def update(self, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, H, T, hs) at positions pos..pos+T-1; return all keys and values so far."""
+        if self.k is None:
+            B, H, _, hs = k.shape
+            self.k = k.new_empty((B, H, self.block_size, hs))
+            self.v = v.new_empty((B, H, self.block_size, hs))
+        end = pos + k.size(2)
+        self.k[:, :, pos:end] = k
+        self.v[:, :, pos:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v at once
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+        self.window = config.attn_window
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, pos: int = 0) -> torch.Tensor:
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        if cache is not None:
+            k, v = cache.update(pos, k, v)  # (B, nh, pos + T, hs)
+        dropout_p = self.dropout if self.training else 0.0
+        y = kernels.causal_attention(q, k, v, dropout_p=dropout_p, window=self.window)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = kernels.linear_gelu(x, self.c_fc.weight, self.c_fc.bias)  # (B, T, 4C)
+        return self.dropout(self.c_proj(h))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, pos: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, pos)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying
+        self.apply(self._init_weights)
+        # GPT-2's scaled init of the projections that write into the residual stream
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def get_num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count; the position embeddings are left out by default (the token embeddings are
+        counted because they are tied to lm_head), as nanoGPT counts."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self) -> int:
+        """Training FLOPs per token: 6N for the weight matmuls forward and backward, plus 12*L*H*Q*T
+        for attention scores and their use (PaLM, appendix B; nanoGPT's MFU estimate)."""
+        c = self.config
+        return 6 * self.get_num_params() + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * c.block_size
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: list[KVCache] | None = None,
+        pos: int = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits for token ids idx (B, T), and the mean cross-entropy against targets (B, T) if given.
+
+        With `cache` (one KVCache per layer, from `new_cache`), idx holds positions pos..pos+T-1
+        and the keys and values of the earlier positions come from the cache.
+        """
+        B, T = idx.size()
+        if pos + T > self.config.block_size:
+            raise ValueError(f"sequence of length {pos + T} exceeds block_size {self.config.block_size}")
+        positions = torch.arange(pos, pos + T, dtype=torch.long, device=idx.device)  # (T,)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))  # (B, T, C)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, None if cache is None else cache[i], pos)
+        x = self.transformer.ln_f(x)
+        if targets is None:
+            return self.lm_head(x), None
+        logits = self.lm_head(x)  # (B, T, vocab_size)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+        return logits, loss
+
+    def new_cache(self) -> list[KVCache]:
+        """An empty KV cache, one KVCache per layer."""
+        return [KVCache(self.config.block_size) for _ in range(self.config.n_layer)]
+
+    def configure_optimizers(
+        self, weight_decay: float, learning_rate: float, betas: tuple[float, float], device_type: str
+    ) -> torch.optim.AdamW:
+        """AdamW with weight decay on matrices and embeddings (>= 2-D) only; fused on CUDA."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+        use_cache: bool = True,
+    ) -> torch.Tensor:
+        """Extend idx (B, T) by max_new_tokens sampled tokens; returns (B, T + max_new_tokens).
+
+        The context is the last block_size tokens. With `use_cache`, each step runs only the newest
+        token against cached keys and values; once the sequence outgrows block_size every position
+        shifts, so the cache is refilled from the cropped context - the same computation as without
+        the cache, which is why both give the same tokens for the same generator.
+        """
+        block_size = self.config.block_size
+        cache, pos = None, 0
+        for _ in range(max_new_tokens):
+            if not use_cache:
+                logits, _ = self(idx[:, -block_size:])
+            elif cache is not None and pos < block_size:
+                logits, _ = self(idx[:, -1:], cache=cache, pos=pos)
+                pos += 1
+            else:
+                context = idx[:, -block_size:]
+                cache = self.new_cache()
+                logits, _ = self(context, cache=cache, pos=0)
+                pos = context.size(1)
+            logits = logits[:, -1, :] / temperature  # (B, vocab_size)
+            if top_k is not None:
+                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            probs = F.softmax(logits, dim=-1)
+            idx_next = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+            idx = torch.cat((idx, idx_next), dim=1)
+        return idx

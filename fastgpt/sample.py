@@ -1,0 +1,81 @@
+"""Sample from a trained model: `python -m fastgpt.sample [--out_dir=out] [--prompt=TEXT] [...]`.
+
+Generation uses a KV cache (the same tokens as cache-free generation for the same seed) and keeps
+going past block_size by sliding the context window.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import kernels
+from fastgpt.checkpoint import load_checkpoint, model_from_checkpoint
+from fastgpt.config import UserError, format_help, parse_flags, run_main
+from fastgpt.data import read_text_file
+from fastgpt.train import resolve_device
+
+
+@dataclass
+class SampleConfig:
+    out_dir: str = "out"  # training output directory; its best.pt is sampled unless --checkpoint is given
+    checkpoint: str = ""  # path of a checkpoint file; overrides out_dir
+    prompt: str = "\n"  # text to continue
+    prompt_file: str = ""  # read the prompt from this UTF-8 file instead of --prompt
+    num_samples: int = 3  # independent samples, generated as one batch
+    max_new_tokens: int = 500  # characters generated per sample
+    temperature: float = 0.8  # < 1 sharpens, > 1 flattens the distribution; must be > 0
+    top_k: int = 0  # sample among the k most likely characters only; 0 = all
+    seed: int = 1337  # seeds the sampling generator
+    kv_cache: bool = True  # reuse keys and values of earlier positions
+    device: str = "auto"  # auto (cuda if available), cpu, cuda, cuda:N
+    reference: bool = False  # run every kernel as its PyTorch reference
+
+
+def main(argv: list[str]) -> int:
+    if "--help" in argv or "-h" in argv:
+        print(format_help(SampleConfig, "fastgpt.sample", SampleConfig()))
+        return 0
+    cfg, given = parse_flags(SampleConfig, argv, SampleConfig())
+    if "prompt" in given and cfg.prompt_file:
+        raise UserError("pass either --prompt or --prompt_file, not both")
+    if cfg.num_samples < 1 or cfg.max_new_tokens < 0:
+        raise UserError("--num_samples must be >= 1 and --max_new_tokens >= 0")
+    if not cfg.temperature > 0:
+        raise UserError(f"--temperature must be > 0, got {cfg.temperature}: use e.g. 0.8")
+    path = Path(cfg.checkpoint) if cfg.checkpoint else Path(cfg.out_dir) / "best.pt"
+    model, tokenizer = model_from_checkpoint(load_checkpoint(path), path)
+    if not 0 <= cfg.top_k <= tokenizer.vocab_size:
+        raise UserError(f"--top_k must be between 1 and the vocabulary size {tokenizer.vocab_size} "
+                        f"(or 0 for no top-k), got {cfg.top_k}")
+    prompt = read_text_file(Path(cfg.prompt_file), "--prompt_file")[0] if cfg.prompt_file else cfg.prompt
+    if not prompt:
+        raise UserError("the prompt is empty: pass at least one character with --prompt")
+    unknown = tokenizer.unknown(prompt)
+    if unknown:
+        raise UserError(f"the prompt has characters the model's vocabulary lacks: "
+                        f"{' '.join(repr(c) for c in unknown)}; remove or replace them")
+
+    device = resolve_device(cfg.device)
+    kernels.set_backend("reference" if cfg.reference else "auto")
+    torch.manual_seed(cfg.seed)
+    model.to(device)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(cfg.seed)
+    idx = torch.from_numpy(tokenizer.encode(prompt)).to(device)[None].repeat(cfg.num_samples, 1)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    with autocast:
+        out = model.generate(idx, cfg.max_new_tokens, temperature=cfg.temperature,
+                             top_k=cfg.top_k or None, generator=generator, use_cache=cfg.kv_cache)
+    for i, row in enumerate(out.tolist()):
+        if i:
+            print("---------------")
+        print(tokenizer.decode(row))
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main, "fastgpt.sample")

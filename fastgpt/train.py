@@ -1,0 +1,292 @@
+"""Train a character-level GPT: `python -m fastgpt.train [--preset NAME] [--key=value ...]`.
+
+With no arguments it trains nanoGPT's shakespeare_char config on a CUDA machine and nanoGPT's CPU
+recipe elsewhere. `--help` lists every flag with its default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+import kernels
+from fastgpt.checkpoint import load_checkpoint, save_checkpoint
+from fastgpt.config import ARCHITECTURE_FIELDS, TrainConfig, UserError, parse_train_args, run_main
+from fastgpt.data import Batches, load_corpus
+from fastgpt.model import GPT, GPTConfig
+
+# dense bf16 tensor-core peaks in FLOP/s, matched against torch.cuda.get_device_name()
+PEAK_BF16_FLOPS = {
+    "H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "GH200": 989e12, "A100": 312e12,
+    "L40S": 362e12, "L4": 121e12, "A10G": 70e12, "A10": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12,
+}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device={name} but CUDA is not available here: use --device=cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device={name} but this machine has {torch.cuda.device_count()} CUDA devices")
+    return device
+
+
+def get_lr(cfg: TrainConfig, it: int) -> float:
+    """Linear warmup, then cosine decay to min_lr at lr_decay_iters, then min_lr (nanoGPT's schedule)."""
+    if not cfg.decay_lr:
+        return cfg.learning_rate
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if it > cfg.lr_decay_iters:
+        return cfg.min_lr
+    ratio = (it - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def resume_config(cfg: TrainConfig, given: set[str], ckpt: dict) -> TrainConfig:
+    """The checkpoint's train config, with the flags given on this command line applied on top."""
+    saved = TrainConfig(**ckpt["train_config"])
+    for name in given:
+        if name in ARCHITECTURE_FIELDS and getattr(cfg, name) != getattr(saved, name):
+            raise UserError(f"--{name}={getattr(cfg, name)} differs from the checkpoint's "
+                            f"{getattr(saved, name)}: drop the flag to resume, or train a new model "
+                            f"in another --out_dir")
+    merged = dataclasses.replace(saved, **{name: getattr(cfg, name) for name in given})
+    merged.validate()
+    return merged
+
+
+class StopRequest:
+    """Turns SIGINT/SIGTERM into a flag read at step boundaries; a second signal aborts at once."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: saving a checkpoint at the end of this step "
+              f"(signal again to abort without saving)", flush=True)
+
+
+def main(argv: list[str]) -> int:
+    # -------------------------------------------------------------------------------------------------
+    # configuration
+    cfg, given = parse_train_args(argv, torch.cuda.is_available())
+    out_dir = Path(cfg.out_dir)
+    ckpt_path = out_dir / "ckpt.pt"
+    ckpt = None
+    if cfg.resume:
+        ckpt = load_checkpoint(ckpt_path)
+        cfg = resume_config(cfg, given, ckpt)
+    device = resolve_device(cfg.device)
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
+    kernels.set_backend("reference" if cfg.reference else "auto")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create --out_dir={out_dir} ({e.strerror}): choose a writable directory")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(cfg.seed)
+
+    # -------------------------------------------------------------------------------------------------
+    # data and model
+    corpus = load_corpus(cfg.data_file, cfg.data_dir)
+    if ckpt is not None and ckpt["corpus_sha256"] != corpus.sha256:
+        raise UserError(f"{corpus.source} is not the corpus {ckpt_path} was trained on: resume with the "
+                        f"same --data_file")
+    train_batches = Batches(corpus.train, cfg.block_size, cfg.batch_size, device, cfg.seed, "train")
+    eval_batches = {
+        "train": Batches(corpus.train, cfg.block_size, cfg.batch_size, device, 0, "train"),
+        "val": Batches(corpus.val, cfg.block_size, cfg.batch_size, device, 0, "val"),
+    }
+    model_config = GPTConfig(vocab_size=corpus.tokenizer.vocab_size, block_size=cfg.block_size,
+                             n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                             dropout=cfg.dropout, bias=cfg.bias, attn_window=cfg.attn_window)
+    raw_model = GPT(model_config).to(device)
+    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate,
+                                               (cfg.beta1, cfg.beta2), device.type)
+    iter_num, best_val = 0, float("inf")
+    if ckpt is not None:
+        raw_model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        iter_num, best_val = ckpt["iter_num"], ckpt["best_val_loss"]
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if device.type == "cuda" and ckpt["rng"]["cuda"] is not None:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+        train_batches.generator.set_state(ckpt["rng"]["batches"])
+    model = torch.compile(raw_model) if use_compile else raw_model
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext())
+    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
+    flops_per_iter = raw_model.flops_per_token() * tokens_per_iter
+    peak = peak_flops(device)
+    print(f"fastgpt: {raw_model.get_num_params() / 1e6:.2f}M parameters, {corpus.tokenizer.vocab_size} "
+          f"characters, {len(corpus.train):,} train / {len(corpus.val):,} val tokens from {corpus.source}")
+    print(f"device {device}, {dtype}, compile {'on' if use_compile else 'off'}, kernels "
+          f"{'reference' if cfg.reference else 'auto'}, {tokens_per_iter:,} tokens/iter"
+          + (f", resuming at iter {iter_num}" if ckpt is not None else ""))
+
+    # -------------------------------------------------------------------------------------------------
+    # helpers that close over the run's state
+    metrics_path = out_dir / "metrics.jsonl"
+    if ckpt is not None and metrics_path.exists():  # drop records of steps the checkpoint did not keep
+        kept = [line for line in metrics_path.read_text().splitlines()
+                if line.strip() and json.loads(line)["iter"] <= iter_num]
+        metrics_path.write_text("".join(line + "\n" for line in kept))
+    elif ckpt is None:
+        metrics_path.write_text("")
+    metrics = metrics_path.open("a")
+
+    def record(**fields) -> None:
+        metrics.write(json.dumps(fields) + "\n")
+        metrics.flush()
+
+    @torch.no_grad()
+    def evaluate() -> dict[str, float]:
+        """Mean loss over eval_iters batches of each split; the same batches at every evaluation."""
+        model.eval()
+        losses = {}
+        for split, batches in eval_batches.items():
+            batches.generator.manual_seed(cfg.seed + 1)
+            total = torch.zeros((), device=device)
+            for _ in range(cfg.eval_iters):
+                x, y = batches.next()
+                with autocast:
+                    _, loss = model(x, y)
+                total += loss.float()
+            losses[split] = (total / cfg.eval_iters).item()
+        model.train()
+        return losses
+
+    def checkpoint_payload(full: bool) -> dict:
+        payload = {"model": raw_model.state_dict(), "model_config": dataclasses.asdict(model_config),
+                   "vocab": corpus.tokenizer.vocab, "corpus_sha256": corpus.sha256,
+                   "iter_num": iter_num, "best_val_loss": best_val}
+        if full:
+            payload |= {
+                "optimizer": optimizer.state_dict(), "train_config": dataclasses.asdict(cfg),
+                "rng": {"torch": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                        "batches": train_batches.generator.get_state()},
+            }
+        return payload
+
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # checked at syncs, not every step
+
+    def check_finite(since: int) -> None:
+        if nonfinite.item():
+            print(f"fastgpt.train: error: loss or gradient norm became non-finite between iter {since} and "
+                  f"{iter_num}; stopped without saving (last good checkpoint: {ckpt_path}): lower "
+                  f"--learning_rate or enable --grad_clip", file=sys.stderr)
+            sys.exit(1)
+
+    # -------------------------------------------------------------------------------------------------
+    # the training loop
+    model.train()
+    last_log_iter, last_log_time = iter_num, time.perf_counter()
+    start_iter = iter_num
+    loss_sum = torch.zeros((), device=device)
+    with StopRequest() as stop:
+        while True:
+            lr = get_lr(cfg, iter_num)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            evaluate_now = iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters
+            if evaluate_now and not (ckpt is not None and iter_num == start_iter):
+                check_finite(last_log_iter)
+                losses = evaluate()
+                print(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                record(iter=iter_num, train_loss=losses["train"], val_loss=losses["val"])
+                if losses["val"] < best_val:
+                    best_val = losses["val"]
+                    save_checkpoint(out_dir / "best.pt", checkpoint_payload(full=False))
+                save_checkpoint(ckpt_path, checkpoint_payload(full=True))
+                last_log_iter, last_log_time = iter_num, time.perf_counter()  # eval is not training time
+            if iter_num >= cfg.max_iters:
+                break
+            if stop.signum is not None:
+                check_finite(last_log_iter)
+                save_checkpoint(ckpt_path, checkpoint_payload(full=True))
+                print(f"stopped at iter {iter_num}; saved {ckpt_path}: continue with --resume "
+                      f"--out_dir={out_dir}")
+                return 128 + stop.signum
+
+            loss_sum.zero_()
+            for _ in range(cfg.gradient_accumulation_steps):
+                x, y = train_batches.next()
+                with autocast:
+                    _, loss = model(x, y)
+                    loss = loss / cfg.gradient_accumulation_steps
+                loss_sum += loss.detach().float()
+                loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(),
+                                                       cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+            nonfinite |= ~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            iter_num += 1
+
+            if iter_num % cfg.log_interval == 0:
+                loss_value, norm_value = loss_sum.item(), grad_norm.item()  # the one host sync per log
+                check_finite(last_log_iter)
+                now = time.perf_counter()
+                ms = (now - last_log_time) * 1000 / (iter_num - last_log_iter)
+                tokens_per_sec = tokens_per_iter / (ms / 1000)
+                mfu = flops_per_iter / (ms / 1000) / peak if peak else None
+                print(f"iter {iter_num}: loss {loss_value:.4f}, lr {lr:.2e}, grad norm {norm_value:.3f}, "
+                      f"{ms:.1f} ms/iter, {tokens_per_sec:,.0f} tokens/s"
+                      + (f", MFU {mfu * 100:.1f}%" if mfu is not None else ""))
+                record(iter=iter_num, loss=loss_value, lr=lr, grad_norm=norm_value, ms_per_iter=ms,
+                       tokens_per_sec=tokens_per_sec, mfu=mfu)
+                last_log_iter, last_log_time = iter_num, now
+    metrics.close()
+
+    # -------------------------------------------------------------------------------------------------
+    # summary
+    print(f"best val loss {best_val:.4f}; checkpoints in {out_dir} (best.pt: best val, ckpt.pt: latest)")
+    if cfg.sample_chars:
+        tokenizer = corpus.tokenizer
+        prompt = "\n" if "\n" in tokenizer.vocab else tokenizer.vocab[0]
+        generator = torch.Generator(device=device)
+        generator.manual_seed(cfg.seed)
+        idx = torch.from_numpy(tokenizer.encode(prompt)).to(device)[None]  # (1, T)
+        raw_model.eval()
+        with autocast:
+            out = raw_model.generate(idx, cfg.sample_chars, temperature=0.8, generator=generator)
+        print("sample:\n" + tokenizer.decode(out[0, 1:].tolist()))
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main, "fastgpt.train")

@@ -1,0 +1,8 @@
+"""fastgpt's hot-path ops. Each runs a Triton kernel or its PyTorch reference, as the backend says."""
+
+from kernels.attention import causal_attention
+from kernels.backend import backend, get_backend, set_backend
+from kernels.layernorm import layer_norm
+from kernels.mlp import linear_gelu
+
+__all__ = ["backend", "causal_attention", "get_backend", "layer_norm", "linear_gelu", "set_backend"]

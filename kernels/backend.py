@@ -1,0 +1,55 @@
+"""The backend switch: which implementation the public kernel entry points run.
+
+"auto" runs an op's Triton kernel on CUDA tensors and its PyTorch reference everywhere else; "triton"
+runs the Triton kernel on every device (on the CPU that means the Triton interpreter, which tests use);
+"reference" runs the PyTorch reference everywhere. An op that has no Triton kernel yet always runs its
+reference under "auto", and refuses "triton" with a message rather than silently measuring the wrong
+thing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+
+BACKENDS = ("auto", "triton", "reference")
+
+_current = "auto"
+
+
+def set_backend(name: str) -> None:
+    """Select the implementation every kernel entry point uses from now on."""
+    global _current
+    if name not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {name!r}: choose one of {', '.join(BACKENDS)}")
+    _current = name
+
+
+def get_backend() -> str:
+    return _current
+
+
+@contextlib.contextmanager
+def backend(name: str) -> Iterator[None]:
+    """Run a block with another backend selected, restoring the previous one afterwards."""
+    previous = _current
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+def select(op: str, x: torch.Tensor, reference: Callable, triton: Callable | None) -> Callable:
+    """The implementation of `op` to run on tensor `x` under the current backend."""
+    if _current == "reference":
+        return reference
+    if _current == "auto":
+        return triton if (triton is not None and x.is_cuda) else reference
+    if triton is None:
+        raise NotImplementedError(
+            f"{op} has no Triton kernel yet: select backend 'auto' or 'reference'"
+        )
+    return triton
