@@ -1,0 +1,50 @@
+"""Shared test set-up: the Triton interpreter on machines without CUDA, the corpus, CLI runners."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# @triton.jit reads TRITON_INTERPRET when a kernel is defined, so it must be set before `kernels` is
+# imported: on a machine without a GPU, Triton kernels run in the interpreter.
+try:
+    import torch
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+except ImportError:  # pragma: no cover - torch is a hard dependency
+    pass
+
+ROOT = Path(__file__).resolve().parent.parent
+SHAKESPEARE = Path(os.environ.get("FASTGPT_TINYSHAKESPEARE",
+                                  ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"))
+
+
+@pytest.fixture(scope="session")
+def shakespeare_path() -> Path:
+    """Tiny Shakespeare on local disk (never downloaded by the tests)."""
+    if not SHAKESPEARE.is_file():
+        pytest.skip(f"Tiny Shakespeare not found at {SHAKESPEARE}; set FASTGPT_TINYSHAKESPEARE")
+    return SHAKESPEARE
+
+
+@pytest.fixture
+def small_corpus(tmp_path: Path) -> Path:
+    """A ~20 kB UTF-8 text with a small, learnable structure and a few non-ASCII characters."""
+    lines = [f"{name}: the {thing} is {mood}, é.\n"
+             for name in ("ROMEO", "JULIET", "NURSE", "MERCUTIO")
+             for thing in ("night", "day", "rose", "moon", "sword")
+             for mood in ("bright", "dark", "sweet", "cold", "kind", "lost")]
+    path = tmp_path / "corpus.txt"
+    path.write_text("".join(lines) * 6, encoding="utf-8")
+    return path
+
+
+def run_module(module: str, *args: str, cwd: Path | None = None, timeout: float = 300,
+               env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m module args...` and capture its output."""
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd or ROOT, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
