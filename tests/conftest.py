@@ -48,3 +48,9 @@ def run_module(module: str, *args: str, cwd: Path | None = None, timeout: float 
     """Run `python -m module args...` and capture its output."""
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd or ROOT, capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture
+def cli():
+    """`cli("fastgpt.train", "--max_iters=1", ...)` runs a module as a subprocess."""
+    return run_module
