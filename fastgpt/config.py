@@ -15,6 +15,8 @@ import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from fastgpt.model import GPTConfig
+
 
 class UserError(Exception):
     """A problem with the user's input (flags, files, prompts): reported in one line, exit code 2."""
@@ -68,6 +70,12 @@ class TrainConfig:
     reference: bool = False  # run every kernel as its PyTorch reference
     seed: int = 1337  # seeds the weights, dropout and batch sampling
     sample_chars: int = 200  # characters of sample printed at the end; 0 = none
+
+    def model_config(self, vocab_size: int) -> GPTConfig:
+        """The GPTConfig these settings describe, for a corpus of vocab_size characters."""
+        return GPTConfig(vocab_size=vocab_size, block_size=self.block_size, n_layer=self.n_layer,
+                         n_head=self.n_head, n_embd=self.n_embd, dropout=self.dropout, bias=self.bias,
+                         attn_window=self.attn_window)
 
     def validate(self) -> None:
         positive = ["eval_interval", "eval_iters", "log_interval", "batch_size", "block_size", "n_layer",

@@ -21,7 +21,7 @@ import kernels
 from fastgpt.checkpoint import load_checkpoint, save_checkpoint
 from fastgpt.config import ARCHITECTURE_FIELDS, TrainConfig, UserError, parse_train_args, run_main
 from fastgpt.data import Batches, load_corpus
-from fastgpt.model import GPT, GPTConfig
+from fastgpt.model import GPT
 
 # dense bf16 tensor-core peaks in FLOP/s, matched against torch.cuda.get_device_name()
 PEAK_BF16_FLOPS = {
@@ -71,6 +71,27 @@ def resume_config(cfg: TrainConfig, given: set[str], ckpt: dict) -> TrainConfig:
     merged = dataclasses.replace(saved, **{name: getattr(cfg, name) for name in given})
     merged.validate()
     return merged
+
+
+def train_step(model, optimizer, batches: Batches, cfg: TrainConfig, autocast) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step over gradient_accumulation_steps micro-batches.
+
+    Returns the step's mean loss and the gradient norm before clipping, as device tensors: reading
+    them is left to the caller, so the step itself never waits for the device.
+    """
+    loss_sum = torch.zeros((), device=batches.data.device)
+    for _ in range(cfg.gradient_accumulation_steps):
+        x, y = batches.next()
+        with autocast:
+            _, loss = model(x, y)
+            loss = loss / cfg.gradient_accumulation_steps
+        loss_sum += loss.detach().float()
+        loss.backward()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, grad_norm
 
 
 class StopRequest:
@@ -131,9 +152,7 @@ def main(argv: list[str]) -> int:
         "train": Batches(corpus.train, cfg.block_size, cfg.batch_size, device, 0, "train"),
         "val": Batches(corpus.val, cfg.block_size, cfg.batch_size, device, 0, "val"),
     }
-    model_config = GPTConfig(vocab_size=corpus.tokenizer.vocab_size, block_size=cfg.block_size,
-                             n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
-                             dropout=cfg.dropout, bias=cfg.bias, attn_window=cfg.attn_window)
+    model_config = cfg.model_config(corpus.tokenizer.vocab_size)
     raw_model = GPT(model_config).to(device)
     optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate,
                                                (cfg.beta1, cfg.beta2), device.type)
@@ -216,7 +235,6 @@ def main(argv: list[str]) -> int:
     model.train()
     last_log_iter, last_log_time = iter_num, time.perf_counter()
     start_iter = iter_num
-    loss_sum = torch.zeros((), device=device)
     with StopRequest() as stop:
         while True:
             lr = get_lr(cfg, iter_num)
@@ -242,19 +260,8 @@ def main(argv: list[str]) -> int:
                       f"--out_dir={out_dir}")
                 return 128 + stop.signum
 
-            loss_sum.zero_()
-            for _ in range(cfg.gradient_accumulation_steps):
-                x, y = train_batches.next()
-                with autocast:
-                    _, loss = model(x, y)
-                    loss = loss / cfg.gradient_accumulation_steps
-                loss_sum += loss.detach().float()
-                loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(),
-                                                       cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+            loss_sum, grad_norm = train_step(model, optimizer, train_batches, cfg, autocast)
             nonfinite |= ~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
             iter_num += 1
 
             if iter_num % cfg.log_interval == 0:

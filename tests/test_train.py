@@ -1,0 +1,173 @@
+"""The trainer: a short run learns, resume is bit-exact, signals save, divergence never overwrites."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from fastgpt import train
+from fastgpt.checkpoint import load_checkpoint
+from fastgpt.config import PRESETS, UserError
+
+from conftest import ROOT
+
+TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4", "--eval_iters=2",
+        "--sample_chars=0", "--warmup_iters=5", "--lr_decay_iters=60", "--log_interval=1"]
+
+
+def read_metrics(out_dir):
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = {r["iter"]: r["loss"] for r in records if "loss" in r}
+    evals = {r["iter"]: r["val_loss"] for r in records if "val_loss" in r}
+    return steps, evals
+
+
+def test_short_run_learns_and_writes_outputs(small_corpus, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = train.main([f"--data_file={small_corpus}", f"--out_dir={out}", f"--data_dir={tmp_path}",
+                       *TINY, "--max_iters=60", "--eval_interval=30", "--log_interval=10",
+                       "--learning_rate=3e-3", "--sample_chars=40"])
+    assert code == 0
+    steps, evals = read_metrics(out)
+    assert sorted(evals) == [0, 30, 60]
+    assert evals[60] < evals[0] - 1.0  # from ~log(vocab) to well below
+    assert sorted(steps) == [10, 20, 30, 40, 50, 60]
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[1])
+    assert set(record) >= {"iter", "loss", "lr", "grad_norm", "ms_per_iter", "tokens_per_sec"}
+    assert record["tokens_per_sec"] > 0 and record["mfu"] is None  # MFU only on a GPU
+    ckpt = load_checkpoint(out / "ckpt.pt")
+    best = load_checkpoint(out / "best.pt")
+    assert ckpt["iter_num"] == 60 and best["best_val_loss"] == min(evals.values())
+    assert not any(k.startswith("_orig_mod.") for k in ckpt["model"])
+    assert "optimizer" in ckpt and "optimizer" not in best
+    text = capsys.readouterr().out
+    assert "best val loss" in text and "sample:" in text and "tokens/s" in text
+
+
+def test_resume_is_bit_exact(small_corpus, tmp_path):
+    """2N steps in one run == N steps, resume, N steps (CPU, fp32, dropout on)."""
+    common = [f"--data_file={small_corpus}", f"--data_dir={tmp_path}", *TINY, "--dropout=0.2",
+              "--eval_interval=10"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert train.main([*common, f"--out_dir={straight}", "--max_iters=24"]) == 0
+    assert train.main([*common, f"--out_dir={split}", "--max_iters=12"]) == 0
+    assert train.main([f"--out_dir={split}", "--resume", "--max_iters=24"]) == 0
+    steps_a, evals_a = read_metrics(straight)
+    steps_b, evals_b = read_metrics(split)
+    assert len(steps_a) == 24
+    assert steps_a == steps_b  # exact float equality
+    assert evals_a == {k: v for k, v in evals_b.items() if k != 12}
+    a, b = load_checkpoint(straight / "ckpt.pt"), load_checkpoint(split / "ckpt.pt")
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+
+
+def test_gradient_accumulation_matches_a_bigger_batch(small_corpus, tmp_path):
+    common = [f"--data_file={small_corpus}", f"--data_dir={tmp_path}", *TINY, "--max_iters=8",
+              "--eval_interval=100"]
+    assert train.main([*common, f"--out_dir={tmp_path / 'a'}", "--batch_size=8"]) == 0
+    assert train.main([*common, f"--out_dir={tmp_path / 'b'}", "--batch_size=4",
+                       "--gradient_accumulation_steps=2"]) == 0
+    big, accumulated = read_metrics(tmp_path / "a")[0], read_metrics(tmp_path / "b")[0]
+    assert big.keys() == accumulated.keys()
+    for it in big:
+        assert big[it] == pytest.approx(accumulated[it], rel=1e-5, abs=1e-6)
+
+
+def test_learning_rate_schedule():
+    cfg = PRESETS["cpu"]
+    assert train.get_lr(cfg, 0) == pytest.approx(cfg.learning_rate / (cfg.warmup_iters + 1))
+    assert train.get_lr(cfg, cfg.warmup_iters) == pytest.approx(cfg.learning_rate)
+    middle = (cfg.warmup_iters + cfg.lr_decay_iters) // 2
+    assert train.get_lr(cfg, middle) == pytest.approx((cfg.learning_rate + cfg.min_lr) / 2, rel=1e-3)
+    assert train.get_lr(cfg, cfg.lr_decay_iters) == pytest.approx(cfg.min_lr)
+    assert train.get_lr(cfg, cfg.lr_decay_iters + 100) == cfg.min_lr
+    lrs = [train.get_lr(cfg, it) for it in range(cfg.warmup_iters, cfg.lr_decay_iters)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_divergence_stops_without_overwriting_the_checkpoint(small_corpus, tmp_path, capsys):
+    out = tmp_path / "out"
+    common = [f"--data_file={small_corpus}", f"--data_dir={tmp_path}", f"--out_dir={out}", *TINY]
+    assert train.main([*common, "--max_iters=5", "--eval_interval=5"]) == 0
+    good = load_checkpoint(out / "ckpt.pt")
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*common, "--resume", "--max_iters=40", "--learning_rate=1e30", "--min_lr=0",
+                    "--grad_clip=0", "--warmup_iters=0"])
+    assert exit_info.value.code == 1
+    assert "non-finite" in capsys.readouterr().err
+    kept = load_checkpoint(out / "ckpt.pt")
+    assert kept["iter_num"] == good["iter_num"] == 5
+    for name, tensor in good["model"].items():
+        assert torch.equal(tensor, kept["model"][name])
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_at_a_step_boundary_and_resume_finishes(small_corpus, tmp_path, sig, cli):
+    out = tmp_path / "out"
+    args = [f"--data_file={small_corpus}", f"--data_dir={tmp_path}", f"--out_dir={out}", *TINY,
+            "--eval_interval=100000", "--max_iters=100000"]
+    proc = subprocess.Popen([sys.executable, "-m", "fastgpt.train", *args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not metrics.exists() or metrics.read_text().count("\n") < 3):
+        time.sleep(0.1)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, err
+    ckpt = load_checkpoint(out / "ckpt.pt")
+    stopped_at = ckpt["iter_num"]
+    assert stopped_at >= 3
+    assert max(read_metrics(out)[0]) == stopped_at  # every logged step is in the checkpoint
+    done = cli("fastgpt.train", f"--out_dir={out}", "--resume", f"--max_iters={stopped_at + 3}")
+    assert done.returncode == 0, done.stderr
+    assert load_checkpoint(out / "ckpt.pt")["iter_num"] == stopped_at + 3
+
+
+def test_resume_refuses_mismatches(small_corpus, tmp_path):
+    out = tmp_path / "out"
+    common = [f"--data_dir={tmp_path}", f"--out_dir={out}"]
+    with pytest.raises(UserError, match="no checkpoint"):
+        train.main([*common, "--resume"])
+    assert train.main([*common, f"--data_file={small_corpus}", *TINY, "--max_iters=2"]) == 0
+    with pytest.raises(UserError, match="--n_layer=3 differs"):
+        train.main([*common, "--resume", "--n_layer=3"])
+    other = tmp_path / "other.txt"
+    other.write_text(small_corpus.read_text()[::-1])
+    with pytest.raises(UserError, match="not the corpus"):
+        train.main([*common, "--resume", f"--data_file={other}"])
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "latin1", "short"])
+def test_bad_data_is_one_line_and_exit_2(tmp_path, case, cli):
+    path = tmp_path / "data.txt"
+    if case == "empty":
+        path.write_bytes(b"")
+    elif case == "latin1":
+        path.write_bytes("Kœnig façade".encode("latin-1", errors="replace") + b"\xe7\xe9")
+    elif case == "short":
+        path.write_text("x" * 200)  # val split has 20 tokens < block_size + 1
+    result = cli("fastgpt.train", f"--data_file={path}", f"--data_dir={tmp_path}",
+                 f"--out_dir={tmp_path / 'out'}", "--block_size=32", "--max_iters=1")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    expected = {"missing": "does not exist", "empty": "is empty", "latin1": "not UTF-8",
+                "short": "--block_size"}[case]
+    assert expected in lines[0]
+
+
+def test_cpu_preset_defaults_on_a_machine_without_cuda(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("the no-preset default is shakespeare_char on CUDA machines")
+    cfg, _ = train.parse_train_args([], torch.cuda.is_available())
+    assert cfg == PRESETS["cpu"]
+    assert math.isclose(cfg.learning_rate, 1e-3) and cfg.compile is None
