@@ -2,8 +2,8 @@
 
 One optimizer step of the real trainer (`fastgpt.train.train_step`: forward, backward, clipping, AdamW)
 on random token windows, timed by pytest-benchmark after warm-up, with tokens/sec in extra_info. On the
-CPU: the cpu preset on the reference ops, eager (what `python -m fastgpt.train` runs there). On CUDA:
-the shakespeare_char preset in bf16, eager and torch.compile'd.
+CPU: the cpu preset on the reference ops, eager (what `python -m fastgpt.train` runs there) and
+torch.compile'd. On CUDA: the shakespeare_char preset in bf16, eager and torch.compile'd.
 """
 
 from __future__ import annotations
@@ -25,7 +25,10 @@ from fastgpt.train import train_step
 VOCAB = 65  # Tiny Shakespeare's
 CUDA = torch.cuda.is_available()
 
-CASES = [pytest.param("cpu", "reference", False, id="cpu-preset-reference-eager")]
+# On the CPU, eager vs compiled is what decides the trainer's --compile default there.
+CASES = [pytest.param("cpu", "reference", compiled, id=f"cpu-reference-{name}",
+                      marks=pytest.mark.skipif(CUDA, reason="the cpu preset is a CPU job"))
+         for compiled, name in ((False, "eager"), (True, "compiled"))]
 CASES += [pytest.param("shakespeare_char", "reference", compiled, id=f"shakespeare_char-reference-{name}",
                        marks=pytest.mark.skipif(not CUDA, reason="the shakespeare_char preset is a GPU job"))
           for compiled, name in ((False, "eager"), (True, "compiled"))]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import re
 import sys
 import types
@@ -78,6 +79,10 @@ class TrainConfig:
                          attn_window=self.attn_window)
 
     def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UserError(f"--{f.name} must be a finite number, got {value}")
         positive = ["eval_interval", "eval_iters", "log_interval", "batch_size", "block_size", "n_layer",
                     "n_head", "n_embd", "gradient_accumulation_steps", "lr_decay_iters"]
         for name in positive:

@@ -32,7 +32,10 @@ def atomic_write(path: Path, write) -> None:
     the same directory, fsync, then os.replace."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide checkpoints from other users
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -48,6 +51,8 @@ def tiny_shakespeare(data_dir: str | Path, url: str = TINY_SHAKESPEARE_URL) -> P
     path = Path(data_dir) / "tinyshakespeare" / "input.txt"
     fix = "download it yourself and pass --data_file=PATH"
     if path.exists():
+        if not path.is_file():
+            raise UserError(f"{path} is not a file: remove it, or {fix}")
         if hashlib.sha256(path.read_bytes()).hexdigest() != TINY_SHAKESPEARE_SHA256:
             raise UserError(f"{path} is not Tiny Shakespeare (sha256 mismatch): delete it, or {fix}")
         return path
@@ -135,16 +140,17 @@ def load_corpus(data_file: str = "", data_dir: str | Path = "data") -> Corpus:
     if cache.exists():
         try:
             with np.load(cache) as z:
-                return Corpus(path, sha, CharTokenizer(str(z["vocab"])), z["train"], z["val"])
-        except (OSError, ValueError, KeyError):
-            pass  # a damaged cache is rebuilt below
+                vocab = "".join(map(chr, z["vocab"].tolist()))
+                return Corpus(path, sha, CharTokenizer(vocab), z["train"], z["val"])
+        except Exception:  # numpy/zipfile raise many types for a damaged file: rebuild it below
+            pass
     tokenizer = CharTokenizer.from_text(text)
     dtype = np.uint8 if tokenizer.vocab_size <= 256 else np.int32
     ids = tokenizer.encode(text).astype(dtype)
     n_train = int(len(ids) * TRAIN_FRACTION)
     corpus = Corpus(path, sha, tokenizer, ids[:n_train], ids[n_train:])
     try:
-        atomic_write(cache, lambda f: np.savez(f, vocab=np.array(tokenizer.vocab), train=corpus.train,
+        atomic_write(cache, lambda f: np.savez(f, vocab=tokenizer._codepoints, train=corpus.train,
                                                 val=corpus.val))
     except OSError as e:
         print(f"warning: could not cache the encoded corpus in {cache.parent} ({e.strerror})")

@@ -134,16 +134,11 @@ def damage(path: Path, how: str) -> None:
                       "flipped byte": raw[:100] + bytes([raw[100] ^ 0xFF]) + raw[101:]}[how])
 
 
-DAMAGED_CACHE_BUG = ("load_corpus only catches OSError/ValueError/KeyError from np.load; an empty cache "
-                     "file raises EOFError and a truncated or corrupted npz raises zipfile.BadZipFile, "
-                     "which escape as a traceback instead of the cache being rebuilt")
-
-
 @pytest.mark.parametrize("how", [
     "garbage",
-    pytest.param("empty", marks=pytest.mark.xfail(strict=True, reason=DAMAGED_CACHE_BUG)),
-    pytest.param("truncated", marks=pytest.mark.xfail(strict=True, reason=DAMAGED_CACHE_BUG)),
-    pytest.param("flipped byte", marks=pytest.mark.xfail(strict=True, reason=DAMAGED_CACHE_BUG)),
+    "empty",
+    "truncated",
+    "flipped byte",
 ])
 def test_damaged_cache_is_rebuilt(small_corpus, tmp_path, count_encodes, how):
     first = load_corpus(str(small_corpus), tmp_path / "data")
@@ -157,9 +152,6 @@ def test_damaged_cache_is_rebuilt(small_corpus, tmp_path, count_encodes, how):
     assert len(count_encodes) == 2
 
 
-@pytest.mark.xfail(strict=True, reason="the cache stores the vocabulary as a numpy unicode scalar, which "
-                                       "drops trailing NUL characters: a corpus of only NULs reloads with "
-                                       "an empty vocabulary")
 def test_cache_keeps_a_nul_only_vocabulary(tmp_path):
     path = tmp_path / "nul.txt"
     path.write_text("\x00" * 50, encoding="utf-8")
@@ -224,6 +216,12 @@ def test_tiny_shakespeare_existing_wrong_file(small_corpus, shakespeare_path, tm
     with pytest.raises(UserError, match=f"{path} is not Tiny Shakespeare.*delete it.*--data_file"):
         tiny_shakespeare(tmp_path / "data", url=shakespeare_path.as_uri())
     assert path.read_bytes() == small_corpus.read_bytes()  # left alone
+
+
+def test_tiny_shakespeare_path_that_is_a_directory(shakespeare_path, tmp_path):
+    (tmp_path / "data" / "tinyshakespeare" / "input.txt").mkdir(parents=True)
+    with pytest.raises(UserError, match="--data_file"):
+        tiny_shakespeare(tmp_path / "data", url=shakespeare_path.as_uri())
 
 
 def test_load_corpus_defaults_to_tiny_shakespeare_in_data_dir(shakespeare_path, tmp_path, monkeypatch):

@@ -1,13 +1,15 @@
 """`python -m fastgpt.sample` end to end, on one tiny model trained once for the module.
 
-Every sampling command runs once, in a subprocess, two at a time (a start costs ~2 s of imports); the
-tests then read their command's result.
+The sampling commands run once each, in subprocesses, two at a time (a start costs ~2 s of imports);
+the tests then read their command's result. Bad inputs run in-process through the same `run_main` as
+`python -m`, and two of them in subprocesses too, to show the process's own exit code and stderr.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -16,6 +18,8 @@ import torch
 
 from conftest import run_module
 from fastgpt.checkpoint import load_checkpoint
+from fastgpt.config import run_main
+from fastgpt.sample import main
 
 # one thread per process: the tiny model gains nothing from more, and the runs go in parallel
 ENV = {"OMP_NUM_THREADS": "1"}
@@ -44,16 +48,9 @@ def workdir(tmp_path_factory, shakespeare_path) -> Path:
     return tmp
 
 
-def commands(tmp: Path) -> dict[str, tuple[str, ...]]:
+def bad_input(tmp: Path) -> dict[str, tuple[str, ...]]:
     out = f"--out_dir={tmp / 'out'}"
     return {
-        "prompt": (out, f"--prompt={PROMPT}", *COMMON),
-        "prompt again": (out, f"--prompt={PROMPT}", *COMMON),
-        "no kv cache": (out, f"--prompt={PROMPT}", *COMMON, "--no-kv_cache"),
-        "prompt file": (f"--checkpoint={tmp / 'out' / 'best.pt'}", f"--prompt_file={tmp / 'prompt.txt'}", *COMMON),
-        "other seed": (out, f"--prompt={PROMPT}", f"--max_new_tokens={NEW}", "--num_samples=2", "--seed=8"),
-        "top_k vocab": (out, "--top_k=65", "--max_new_tokens=5", "--num_samples=1"),
-        # bad inputs
         "unknown chars": (out, "--prompt=ROMEO@ é#"),
         "temperature 0": (out, "--temperature=0"),
         "temperature negative": (out, "--temperature=-0.5"),
@@ -66,6 +63,19 @@ def commands(tmp: Path) -> dict[str, tuple[str, ...]]:
         "truncated checkpoint": (f"--checkpoint={tmp / 'half.pt'}",),
         "text checkpoint": (f"--checkpoint={tmp / 'text.pt'}",),
         "plain dict checkpoint": (f"--checkpoint={tmp / 'plain.pt'}",),
+    }
+
+
+def commands(tmp: Path) -> dict[str, tuple[str, ...]]:
+    out = f"--out_dir={tmp / 'out'}"
+    return {
+        "prompt": (out, f"--prompt={PROMPT}", *COMMON),
+        "prompt again": (out, f"--prompt={PROMPT}", *COMMON),
+        "no kv cache": (out, f"--prompt={PROMPT}", *COMMON, "--no-kv_cache"),
+        "prompt file": (f"--checkpoint={tmp / 'out' / 'best.pt'}", f"--prompt_file={tmp / 'prompt.txt'}", *COMMON),
+        "other seed": (out, f"--prompt={PROMPT}", f"--max_new_tokens={NEW}", "--num_samples=2", "--seed=8"),
+        "top_k vocab": (out, "--top_k=65", "--max_new_tokens=5", "--num_samples=1"),
+        **{name: bad_input(tmp)[name] for name in ("unknown chars", "truncated checkpoint")},
     }
 
 
@@ -120,26 +130,42 @@ def test_top_k_may_be_the_vocabulary_size(workdir, runs):
 # bad inputs: exit 2, one line on stderr that says what to do, no traceback
 
 
-@pytest.mark.parametrize("name, message", [
-    ("unknown chars", "the prompt has characters the model's vocabulary lacks: '#' '@' 'é'; remove or replace"),
-    ("temperature 0", "--temperature must be > 0, got 0.0"),
-    ("temperature negative", "--temperature must be > 0, got -0.5"),
-    ("top_k negative", "--top_k must be between 1 and the vocabulary size 65 (or 0 for no top-k), got -1"),
-    ("top_k above vocab", "--top_k must be between 1 and the vocabulary size 65 (or 0 for no top-k), got 66"),
-    ("prompt and prompt_file", "pass either --prompt or --prompt_file, not both"),
-    ("missing prompt_file", "nope.txt does not exist: pass an existing UTF-8 text file with --prompt_file"),
-    ("empty prompt", "the prompt is empty"),
-    ("missing checkpoint", "no checkpoint at"),
-    ("truncated checkpoint", "half.pt is not a readable fastgpt checkpoint, it may be truncated or foreign"),
-    ("text checkpoint", "text.pt is not a readable fastgpt checkpoint, it may be truncated or foreign"),
-    ("plain dict checkpoint", "plain.pt is not a fastgpt checkpoint: use one written by python -m fastgpt.train"),
-])
-def test_bad_input_is_one_line_and_exit_2(runs, name, message):
-    r = runs[name]
-    assert r.returncode == 2, (r.stdout, r.stderr)
-    assert "Traceback" not in r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1, r.stderr
+BAD_INPUT_MESSAGES = {
+    "unknown chars": "the prompt has characters the model's vocabulary lacks: '#' '@' 'é'; remove or replace",
+    "temperature 0": "--temperature must be > 0, got 0.0",
+    "temperature negative": "--temperature must be > 0, got -0.5",
+    "top_k negative": "--top_k must be between 1 and the vocabulary size 65 (or 0 for no top-k), got -1",
+    "top_k above vocab": "--top_k must be between 1 and the vocabulary size 65 (or 0 for no top-k), got 66",
+    "prompt and prompt_file": "pass either --prompt or --prompt_file, not both",
+    "missing prompt_file": "nope.txt does not exist: pass an existing UTF-8 text file with --prompt_file",
+    "empty prompt": "the prompt is empty",
+    "missing checkpoint": "no checkpoint at",
+    "truncated checkpoint": "half.pt is not a readable fastgpt checkpoint, it may be truncated or foreign",
+    "text checkpoint": "text.pt is not a readable fastgpt checkpoint, it may be truncated or foreign",
+    "plain dict checkpoint": "plain.pt is not a fastgpt checkpoint: use one written by python -m fastgpt.train",
+}
+
+
+def assert_one_line_error(code, stdout: str, stderr: str, message: str) -> None:
+    assert code == 2, (stdout, stderr)
+    assert "Traceback" not in stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
     assert lines[0].startswith("fastgpt.sample: error: ")
     assert message in lines[0]
-    assert r.stdout == ""
+    assert stdout == ""
+
+
+@pytest.mark.parametrize("name", list(BAD_INPUT_MESSAGES))
+def test_bad_input_is_one_line_and_exit_2(workdir, monkeypatch, capsys, name):
+    monkeypatch.setattr(sys, "argv", ["fastgpt.sample", CPU, *bad_input(workdir)[name]])
+    with pytest.raises(SystemExit) as exit_:
+        run_main(main, "fastgpt.sample")
+    captured = capsys.readouterr()
+    assert_one_line_error(exit_.value.code, captured.out, captured.err, BAD_INPUT_MESSAGES[name])
+
+
+@pytest.mark.parametrize("name", ["unknown chars", "truncated checkpoint"])
+def test_bad_input_in_a_subprocess(runs, name):
+    r = runs[name]
+    assert_one_line_error(r.returncode, r.stdout, r.stderr, BAD_INPUT_MESSAGES[name])
