@@ -109,9 +109,10 @@ class TrainConfig:
 
 PRESETS: dict[str, TrainConfig] = {
     "shakespeare_char": TrainConfig(),
-    # nanoGPT's CPU recipe (README of karpathy/nanoGPT)
+    # nanoGPT's CPU recipe (README of karpathy/nanoGPT) with a learning rate for its smaller model:
+    # 3e-3 reaches val 1.77 where 1e-3 (nanoGPT's) reaches 1.90 in the same 2000 steps (see README)
     "cpu": TrainConfig(eval_iters=20, block_size=64, batch_size=12, n_layer=4, n_head=4, n_embd=128,
-                       max_iters=2000, lr_decay_iters=2000, dropout=0.0),
+                       max_iters=2000, lr_decay_iters=2000, dropout=0.0, learning_rate=3e-3),
 }
 
 # fields that fix the model's shape: a resumed run must keep them

@@ -176,8 +176,10 @@ class Batches:
         self.generator.manual_seed(seed)
         self._offsets = torch.arange(block_size, device=device)
 
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def next(self, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next batch from this split's generator, or from `generator` (evaluation draws its own
+        fixed batches without disturbing the training stream)."""
         starts = torch.randint(len(self.data) - self.block_size, (self.batch_size, 1),
-                               generator=self.generator, device=self.data.device)
+                               generator=generator or self.generator, device=self.data.device)
         index = starts + self._offsets  # (B, T)
         return self.data[index].long(), self.data[index + 1].long()

@@ -148,10 +148,9 @@ def main(argv: list[str]) -> int:
         raise UserError(f"{corpus.source} is not the corpus {ckpt_path} was trained on: resume with the "
                         f"same --data_file")
     train_batches = Batches(corpus.train, cfg.block_size, cfg.batch_size, device, cfg.seed, "train")
-    eval_batches = {
-        "train": Batches(corpus.train, cfg.block_size, cfg.batch_size, device, 0, "train"),
-        "val": Batches(corpus.val, cfg.block_size, cfg.batch_size, device, 0, "val"),
-    }
+    eval_batches = {"train": train_batches,
+                     "val": Batches(corpus.val, cfg.block_size, cfg.batch_size, device, cfg.seed, "val")}
+    eval_generator = torch.Generator(device=device)
     model_config = cfg.model_config(corpus.tokenizer.vocab_size)
     raw_model = GPT(model_config).to(device)
     optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate,
@@ -197,10 +196,10 @@ def main(argv: list[str]) -> int:
         model.eval()
         losses = {}
         for split, batches in eval_batches.items():
-            batches.generator.manual_seed(cfg.seed + 1)
+            eval_generator.manual_seed(cfg.seed + 1)
             total = torch.zeros((), device=device)
             for _ in range(cfg.eval_iters):
-                x, y = batches.next()
+                x, y = batches.next(eval_generator)
                 with autocast:
                     _, loss = model(x, y)
                 total += loss.float()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import signal
 import subprocess
 import sys
@@ -170,4 +169,4 @@ def test_cpu_preset_defaults_on_a_machine_without_cuda(capsys):
         pytest.skip("the no-preset default is shakespeare_char on CUDA machines")
     cfg, _ = train.parse_train_args([], torch.cuda.is_available())
     assert cfg == PRESETS["cpu"]
-    assert math.isclose(cfg.learning_rate, 1e-3) and cfg.compile is None
+    assert cfg.compile is None  # resolved per device: eager on the CPU
