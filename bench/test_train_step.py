@@ -58,7 +58,7 @@ def test_train_step(benchmark, preset, backend, compiled):
     with kernels.backend(backend):
         for _ in range(5 if not compiled else 15):  # warm-up (and compilation) outside the rounds
             step()
-        benchmark.pedantic(step, rounds=30 if device.type == "cpu" else 100, iterations=1)
+        benchmark.pedantic(step, rounds=100, iterations=1)
     tokens_per_iter = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
     benchmark.extra_info.update(
         tokens_per_sec=tokens_per_iter / benchmark.stats.stats.median,
