@@ -19,7 +19,7 @@ import torch
 import kernels
 from fastgpt.config import PRESETS
 from fastgpt.data import Batches
-from fastgpt.model import GPT
+from fastgpt.model import build_model
 from fastgpt.train import train_step
 
 VOCAB = 65  # Tiny Shakespeare's
@@ -45,7 +45,7 @@ def test_train_step(benchmark, preset, backend, compiled):
     torch.manual_seed(0)
     tokens = np.random.default_rng(0).integers(0, VOCAB, 1_000_000, dtype=np.uint8)
     batches = Batches(tokens, cfg.block_size, cfg.batch_size, device, seed=0)
-    model = GPT(cfg.model_config(VOCAB)).to(device).train()
+    model = build_model(cfg.model_config(VOCAB)).to(device).train()
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
                                            device.type)
     step_model = torch.compile(model) if compiled else model

@@ -14,7 +14,7 @@ import torch
 
 from fastgpt.config import UserError
 from fastgpt.data import CharTokenizer, atomic_write
-from fastgpt.model import GPT, GPTConfig
+from fastgpt.model import GPTConfig, LanguageModel, build_model
 
 FORMAT = "fastgpt-checkpoint"
 VERSION = 1
@@ -45,14 +45,14 @@ def load_checkpoint(path: str | Path) -> dict:
     return ckpt
 
 
-def model_from_checkpoint(ckpt: dict, path: str | Path) -> tuple[GPT, CharTokenizer]:
+def model_from_checkpoint(ckpt: dict, path: str | Path) -> tuple[LanguageModel, CharTokenizer]:
     """The model (on the CPU, eval mode) and tokenizer stored in a loaded checkpoint."""
     try:
         config = GPTConfig(**ckpt["model_config"])
-        model = GPT(config)
+        model = build_model(config)
         model.load_state_dict(ckpt["model"])
         tokenizer = CharTokenizer(ckpt["vocab"])
-    except (KeyError, TypeError, RuntimeError) as e:
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
         reason = str(e).strip().splitlines()[0]
         raise UserError(f"{path} does not hold a valid fastgpt model ({reason[:160]}): "
                         f"use a checkpoint written by python -m fastgpt.train") from None

@@ -16,7 +16,7 @@ import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from fastgpt.model import GPTConfig
+from fastgpt.model import MODELS, GPTConfig
 
 
 class UserError(Exception):
@@ -43,6 +43,7 @@ class TrainConfig:
     data_file: str = ""  # UTF-8 text to train on; empty = Tiny Shakespeare, downloaded into data_dir
     data_dir: str = "data"  # where the corpus is downloaded and encoded splits are cached
     resume: bool = False  # continue exactly from out_dir/ckpt.pt
+    model: str = "gpt"  # step of the lecture: bigram, attention, multihead, feedforward, blocks, gpt
     eval_interval: int = 250  # iterations between evaluations (and checkpoints)
     eval_iters: int = 200  # batches per split in each evaluation
     log_interval: int = 10  # iterations between log lines
@@ -76,13 +77,15 @@ class TrainConfig:
         """The GPTConfig these settings describe, for a corpus of vocab_size characters."""
         return GPTConfig(vocab_size=vocab_size, block_size=self.block_size, n_layer=self.n_layer,
                          n_head=self.n_head, n_embd=self.n_embd, dropout=self.dropout, bias=self.bias,
-                         attn_window=self.attn_window)
+                         attn_window=self.attn_window, model=self.model)
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise UserError(f"--{f.name} must be a finite number, got {value}")
+        if self.model not in MODELS:
+            raise UserError(f"unknown --model={self.model}: choose one of {', '.join(MODELS)}")
         positive = ["eval_interval", "eval_iters", "log_interval", "batch_size", "block_size", "n_layer",
                     "n_head", "n_embd", "gradient_accumulation_steps", "lr_decay_iters"]
         for name in positive:
@@ -116,7 +119,7 @@ PRESETS: dict[str, TrainConfig] = {
 }
 
 # fields that fix the model's shape: a resumed run must keep them
-ARCHITECTURE_FIELDS = ("block_size", "n_layer", "n_head", "n_embd", "bias", "attn_window")
+ARCHITECTURE_FIELDS = ("model", "block_size", "n_layer", "n_head", "n_embd", "bias", "attn_window")
 
 
 def field_comments(cls: type) -> dict[str, str]:

@@ -1,12 +1,22 @@
-"""The GPT: a pre-norm, decoder-only Transformer over characters, as in nanoGPT and "Let's build GPT".
+"""The GPT: a pre-norm, decoder-only Transformer over characters, as in nanoGPT and "Let's build GPT",
+and the lecture's steps towards it as models of their own.
 
 Modules here only hold parameters and call the ops in `kernels` (LayerNorm, causal attention, linear +
-GELU), which run Triton kernels or their PyTorch references as `kernels.set_backend` says. Parameter
-names are nanoGPT's, so its users can read (and load) them.
+GELU), which run Triton kernels or their PyTorch references as `kernels.set_backend` says. The GPT's
+parameter names are nanoGPT's; the earlier steps' are the lecture's.
+
+The progression (`GPTConfig.model`, `build_model`), each step adding one idea to the one before:
+  bigram       a vocab x vocab table read as next-character logits: no context at all
+  attention    token + position embeddings, one causal self-attention head, a linear head
+  multihead    n_head smaller heads in place of the single one
+  feedforward  a position-wise MLP after the attention: the tokens "think" about what they gathered
+  blocks       n_layer pre-norm blocks (LayerNorm -> attention / MLP -> residual add), a final LayerNorm
+  gpt          the full model: blocks plus dropout (what the presets train)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -15,6 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
+
+MODELS = ("bigram", "attention", "multihead", "feedforward", "blocks", "gpt")
 
 
 @dataclass
@@ -27,6 +39,7 @@ class GPTConfig:
     dropout: float = 0.2  # on attention probabilities, residual branches and embeddings
     bias: bool = False  # biases in Linear and LayerNorm layers
     attn_window: int | None = None  # sliding attention window; None = full causal attention
+    model: str = "gpt"  # step of the lecture's progression, one of MODELS
 
 
 class LayerNorm(nn.Module):
@@ -115,24 +128,40 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class GPT(nn.Module):
+class LanguageModel(nn.Module):
+    """What every model of the progression shares: the loss, generation with a KV cache, the
+    optimizer's parameter groups, parameter and FLOP counts. Subclasses define `logits`."""
+
+    n_attention_layers = 0  # attention layers, each with its own KV cache
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
-            drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=LayerNorm(config.n_embd, bias=config.bias),
-        ))
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # weight tying
-        self.apply(self._init_weights)
-        # GPT-2's scaled init of the projections that write into the residual stream
-        for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def logits(self, idx: torch.Tensor, cache: list[KVCache] | None, pos: int) -> torch.Tensor:
+        """Next-token logits (B, T, vocab_size) for token ids idx (B, T) at positions pos..pos+T-1."""
+        raise NotImplementedError
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: list[KVCache] | None = None,
+        pos: int = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits for token ids idx (B, T), and the mean cross-entropy against targets (B, T) if given.
+
+        With `cache` (from `new_cache`), idx holds positions pos..pos+T-1 and the keys and values of
+        the earlier positions come from the cache.
+        """
+        T = idx.size(1)
+        if pos + T > self.config.block_size:
+            raise ValueError(f"sequence of length {pos + T} exceeds block_size {self.config.block_size}")
+        logits = self.logits(idx, cache, pos)  # (B, T, vocab_size)
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+        return logits, loss
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -144,48 +173,20 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def get_num_params(self, non_embedding: bool = True) -> int:
-        """Parameter count; the position embeddings are left out by default (the token embeddings are
-        counted because they are tied to lm_head), as nanoGPT counts."""
-        n = sum(p.numel() for p in self.parameters())
-        if non_embedding:
-            n -= self.transformer.wpe.weight.numel()
-        return n
+        """Parameter count; the position embeddings are left out by default (token embeddings count:
+        they are tied to, or are, the output layer), as nanoGPT counts."""
+        return sum(p.numel() for name, p in self.named_parameters()
+                   if not (non_embedding and name.endswith(("wpe.weight", "position_embedding_table.weight"))))
 
     def flops_per_token(self) -> int:
         """Training FLOPs per token: 6N for the weight matmuls forward and backward, plus 12*L*H*Q*T
-        for attention scores and their use (PaLM, appendix B; nanoGPT's MFU estimate)."""
+        for attention scores and their use (PaLM, appendix B; nanoGPT's MFU estimate); H*Q = n_embd."""
         c = self.config
-        return 6 * self.get_num_params() + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * c.block_size
-
-    def forward(
-        self,
-        idx: torch.Tensor,
-        targets: torch.Tensor | None = None,
-        cache: list[KVCache] | None = None,
-        pos: int = 0,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits for token ids idx (B, T), and the mean cross-entropy against targets (B, T) if given.
-
-        With `cache` (one KVCache per layer, from `new_cache`), idx holds positions pos..pos+T-1
-        and the keys and values of the earlier positions come from the cache.
-        """
-        B, T = idx.size()
-        if pos + T > self.config.block_size:
-            raise ValueError(f"sequence of length {pos + T} exceeds block_size {self.config.block_size}")
-        positions = torch.arange(pos, pos + T, dtype=torch.long, device=idx.device)  # (T,)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))  # (B, T, C)
-        for i, block in enumerate(self.transformer.h):
-            x = block(x, None if cache is None else cache[i], pos)
-        x = self.transformer.ln_f(x)
-        if targets is None:
-            return self.lm_head(x), None
-        logits = self.lm_head(x)  # (B, T, vocab_size)
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
-        return logits, loss
+        return 6 * self.get_num_params() + 12 * self.n_attention_layers * c.n_embd * c.block_size
 
     def new_cache(self) -> list[KVCache]:
-        """An empty KV cache, one KVCache per layer."""
-        return [KVCache(self.config.block_size) for _ in range(self.config.n_layer)]
+        """An empty KV cache, one KVCache per attention layer."""
+        return [KVCache(self.config.block_size) for _ in range(self.n_attention_layers)]
 
     def configure_optimizers(
         self, weight_decay: float, learning_rate: float, betas: tuple[float, float], device_type: str
@@ -238,3 +239,83 @@ class GPT(nn.Module):
             idx_next = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
             idx = torch.cat((idx, idx_next), dim=1)
         return idx
+
+class BigramLanguageModel(LanguageModel):
+    """Step 1: each character's row of a vocab x vocab table is the logits of the next character."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__(config)
+        self.token_embedding_table = nn.Embedding(config.vocab_size, config.vocab_size)
+        self.apply(self._init_weights)
+
+    def logits(self, idx: torch.Tensor, cache: list[KVCache] | None, pos: int) -> torch.Tensor:
+        return self.token_embedding_table(idx)  # (B, T, vocab_size)
+
+
+class AttentionLanguageModel(LanguageModel):
+    """Steps 2-4: embeddings, one causal self-attention layer (single- or multi-head), optionally a
+    position-wise MLP, and a linear head; no residual connections or normalisation yet."""
+
+    n_attention_layers = 1
+
+    def __init__(self, config: GPTConfig, n_head: int, feedforward: bool):
+        super().__init__(config)
+        self.token_embedding_table = nn.Embedding(config.vocab_size, config.n_embd)
+        self.position_embedding_table = nn.Embedding(config.block_size, config.n_embd)
+        self.sa_heads = CausalSelfAttention(dataclasses.replace(config, n_head=n_head))
+        self.ffwd = MLP(config) if feedforward else None
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=config.bias)
+        self.apply(self._init_weights)
+
+    def logits(self, idx: torch.Tensor, cache: list[KVCache] | None, pos: int) -> torch.Tensor:
+        positions = torch.arange(pos, pos + idx.size(1), dtype=torch.long, device=idx.device)  # (T,)
+        x = self.token_embedding_table(idx) + self.position_embedding_table(positions)  # (B, T, C)
+        x = self.sa_heads(x, None if cache is None else cache[0], pos)
+        if self.ffwd is not None:
+            x = self.ffwd(x)
+        return self.lm_head(x)  # (B, T, vocab_size)
+
+
+class GPT(LanguageModel):
+    """Steps 5 and 6: the Transformer. `blocks` is this model without dropout."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__(config)
+        self.n_attention_layers = config.n_layer
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying
+        self.apply(self._init_weights)
+        # GPT-2's scaled init of the projections that write into the residual stream
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def logits(self, idx: torch.Tensor, cache: list[KVCache] | None, pos: int) -> torch.Tensor:
+        positions = torch.arange(pos, pos + idx.size(1), dtype=torch.long, device=idx.device)  # (T,)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))  # (B, T, C)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, None if cache is None else cache[i], pos)
+        x = self.transformer.ln_f(x)
+        return self.lm_head(x)  # (B, T, vocab_size)
+
+
+def build_model(config: GPTConfig) -> LanguageModel:
+    """The model of the progression that config.model names (see the module docstring)."""
+    no_dropout = dataclasses.replace(config, dropout=0.0)  # dropout arrives with the last step
+    if config.model == "bigram":
+        return BigramLanguageModel(config)
+    if config.model in ("attention", "multihead", "feedforward"):
+        return AttentionLanguageModel(no_dropout, n_head=1 if config.model == "attention" else config.n_head,
+                                      feedforward=config.model == "feedforward")
+    if config.model == "blocks":
+        return GPT(no_dropout)
+    if config.model == "gpt":
+        return GPT(config)
+    raise ValueError(f"unknown model {config.model!r}: choose one of {', '.join(MODELS)}")

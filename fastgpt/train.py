@@ -21,7 +21,7 @@ import kernels
 from fastgpt.checkpoint import load_checkpoint, save_checkpoint
 from fastgpt.config import ARCHITECTURE_FIELDS, TrainConfig, UserError, parse_train_args, run_main
 from fastgpt.data import Batches, load_corpus
-from fastgpt.model import GPT
+from fastgpt.model import build_model
 
 # dense bf16 tensor-core peaks in FLOP/s, matched against torch.cuda.get_device_name()
 PEAK_BF16_FLOPS = {
@@ -152,7 +152,7 @@ def main(argv: list[str]) -> int:
                      "val": Batches(corpus.val, cfg.block_size, cfg.batch_size, device, cfg.seed, "val")}
     eval_generator = torch.Generator(device=device)
     model_config = cfg.model_config(corpus.tokenizer.vocab_size)
-    raw_model = GPT(model_config).to(device)
+    raw_model = build_model(model_config).to(device)
     optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate,
                                                (cfg.beta1, cfg.beta2), device.type)
     iter_num, best_val = 0, float("inf")

@@ -1,0 +1,81 @@
+"""Train every model of the lecture's progression on the same budget and data, and compare them:
+`python -m fastgpt.compare [--preset NAME] [--key=value ...]`.
+
+Takes the trainer's flags (not --model or --resume) and trains bigram, attention, multihead,
+feedforward, blocks and gpt in turn, each into out_dir/<model>; then prints a markdown table
+(parameters, final train and val loss, training tokens/s, a 100-character sample) and writes it to
+out_dir/compare.md and out_dir/compare.json.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from fastgpt import train
+from fastgpt.checkpoint import load_checkpoint, model_from_checkpoint
+from fastgpt.config import UserError, parse_train_args, run_main
+from fastgpt.model import MODELS
+
+DEFAULT_OUT_DIR = "out-compare"
+SAMPLE_CHARS = 100
+
+
+def summarize(name: str, out_dir: Path, seed: int) -> dict:
+    """The figures of one trained model: from its metrics and its final checkpoint."""
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    final_eval = [r for r in records if "val_loss" in r][-1]
+    steps = [r for r in records if "ms_per_iter" in r]
+    tokens_per_iter = steps[0]["tokens_per_sec"] * steps[0]["ms_per_iter"] / 1000 if steps else 0.0
+    mean_ms = sum(r["ms_per_iter"] for r in steps) / len(steps) if steps else float("nan")
+    model, tokenizer = model_from_checkpoint(load_checkpoint(out_dir / "ckpt.pt"), out_dir / "ckpt.pt")
+    prompt = "\n" if "\n" in tokenizer.vocab else tokenizer.vocab[0]
+    generator = torch.Generator().manual_seed(seed)
+    out = model.generate(torch.from_numpy(tokenizer.encode(prompt))[None], SAMPLE_CHARS, temperature=0.8,
+                         generator=generator)
+    return {"model": name, "parameters": model.get_num_params(), "iter": final_eval["iter"],
+            "train_loss": final_eval["train_loss"], "val_loss": final_eval["val_loss"],
+            "tokens_per_sec": tokens_per_iter / (mean_ms / 1000) if steps else None,
+            "sample": tokenizer.decode(out[0, 1:].tolist())}
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| model | parameters | train loss | val loss | tokens/s | sample (↵ = newline) |",
+             "|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        sample = r["sample"].replace("\\", "\\\\").replace("|", "\\|").replace("\n", "↵")
+        speed = f"{r['tokens_per_sec']:,.0f}" if r["tokens_per_sec"] else "n/a"
+        lines.append(f"| {r['model']} | {r['parameters']:,} | {r['train_loss']:.3f} | {r['val_loss']:.3f} "
+                     f"| {speed} | `{sample}` |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    if "--help" in argv or "-h" in argv:
+        print(__doc__)
+        return train.main(["--help"])
+    cfg, given = parse_train_args(argv, torch.cuda.is_available())
+    if "model" in given or cfg.resume:
+        raise UserError("compare trains every --model itself and starts fresh: drop --model and --resume")
+    out_root = Path(cfg.out_dir if "out_dir" in given else DEFAULT_OUT_DIR)
+    passthrough = [arg for arg in argv if not arg.startswith("--out_dir")]
+    rows = []
+    for name in MODELS:
+        print(f"=== {name} ===", flush=True)
+        code = train.main([*passthrough, f"--model={name}", f"--out_dir={out_root / name}", "--sample_chars=0"])
+        if code:
+            return code
+        rows.append(summarize(name, out_root / name, cfg.seed))
+    table = markdown(rows)
+    (out_root / "compare.md").write_text(table + "\n")
+    (out_root / "compare.json").write_text(json.dumps({"argv": argv, "rows": rows}, indent=2) + "\n")
+    print(table)
+    print(f"written to {out_root / 'compare.md'} and {out_root / 'compare.json'}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main, "fastgpt.compare")

@@ -1,0 +1,126 @@
+"""The lecture's progression: every model trains, samples, checkpoints and compares like the GPT."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from fastgpt import compare, sample, train
+from fastgpt.checkpoint import load_checkpoint, model_from_checkpoint
+from fastgpt.config import UserError
+from fastgpt.model import (MODELS, AttentionLanguageModel, BigramLanguageModel, GPT, GPTConfig, LayerNorm,
+                           build_model)
+
+TINY = GPTConfig(vocab_size=11, block_size=12, n_layer=2, n_head=2, n_embd=16, dropout=0.2)
+TRAIN_FLAGS = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=8",
+               "--eval_iters=4", "--sample_chars=0", "--warmup_iters=0", "--learning_rate=1e-2",
+               "--log_interval=10"]
+
+
+def tiny(name: str, **changes) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model(dataclasses.replace(TINY, model=name, **changes))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_forward_backward_shapes(name):
+    model = tiny(name)
+    idx = torch.randint(TINY.vocab_size, (3, TINY.block_size))
+    logits, loss = model(idx, idx)
+    assert logits.shape == (3, TINY.block_size, TINY.vocab_size) and loss.shape == ()
+    loss.backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), pname
+    assert model(idx[:, :5])[0].shape == (3, 5, TINY.vocab_size)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_generation_with_and_without_cache_agree(name):
+    model = tiny(name).double().eval()
+    prompt = torch.randint(TINY.vocab_size, (2, 3))
+    runs = []
+    for use_cache in (True, False):
+        generator = torch.Generator().manual_seed(7)
+        runs.append(model.generate(prompt, 30, generator=generator, use_cache=use_cache))  # past block_size
+    assert runs[0].shape == (2, 33)
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_each_step_adds_its_idea():
+    bigram, attention, multihead = tiny("bigram"), tiny("attention"), tiny("multihead")
+    feedforward, blocks, gpt = tiny("feedforward"), tiny("blocks"), tiny("gpt")
+    assert isinstance(bigram, BigramLanguageModel)
+    assert bigram.get_num_params() == TINY.vocab_size ** 2  # the table is the whole model
+    idx = torch.randint(TINY.vocab_size, (1, 8))
+    shuffled = torch.cat([idx[:, torch.randperm(7)], idx[:, 7:]], dim=1)
+    assert torch.equal(bigram(idx)[0][:, -1], bigram(shuffled)[0][:, -1])  # no context
+    assert all(isinstance(m, AttentionLanguageModel) for m in (attention, multihead, feedforward))
+    assert attention.sa_heads.n_head == 1 and multihead.sa_heads.n_head == TINY.n_head
+    assert attention.ffwd is None and multihead.ffwd is None and feedforward.ffwd is not None
+    assert not any(isinstance(m, LayerNorm) for m in feedforward.modules())  # no norm before blocks
+    assert isinstance(blocks, GPT) and len(blocks.transformer.h) == TINY.n_layer
+    assert sum(isinstance(m, LayerNorm) for m in blocks.modules()) == 2 * TINY.n_layer + 1
+    dropouts = lambda m: {mod.p for mod in m.modules() if isinstance(mod, torch.nn.Dropout)}  # noqa: E731
+    assert dropouts(blocks) == {0.0} and dropouts(gpt) == {TINY.dropout}
+    for model in (attention, multihead, feedforward):
+        assert model.sa_heads.dropout == 0.0
+    # without dropout, blocks and gpt are the same function of the same weights
+    gpt_no_dropout = tiny("gpt", dropout=0.0)
+    assert torch.equal(blocks.eval()(idx)[0], gpt_no_dropout.eval()(idx)[0])
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_training_lowers_the_loss_and_the_checkpoint_samples(name, small_corpus, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = train.main([f"--data_file={small_corpus}", f"--data_dir={tmp_path}", f"--out_dir={out}",
+                       f"--model={name}", *TRAIN_FLAGS, "--max_iters=40", "--eval_interval=40"])
+    assert code == 0
+    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+             if "val_loss" in line]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.5
+    ckpt = load_checkpoint(out / "ckpt.pt")
+    assert ckpt["model_config"]["model"] == name
+    model, _ = model_from_checkpoint(ckpt, out / "ckpt.pt")
+    for key, tensor in model.state_dict().items():
+        assert torch.equal(tensor, ckpt["model"][key]), key
+    capsys.readouterr()
+    assert sample.main([f"--out_dir={out}", "--prompt=ROMEO", "--max_new_tokens=20", "--num_samples=1"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("ROMEO") and len(text.rstrip("\n")) >= 20
+
+
+def test_unknown_model_is_a_one_line_error(cli, tmp_path):
+    result = cli("fastgpt.train", "--model=transformer", f"--out_dir={tmp_path}")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr
+    assert "--model=transformer" in lines[0] and all(name in lines[0] for name in MODELS)
+
+
+def test_resuming_with_another_model_is_an_error(small_corpus, tmp_path):
+    common = [f"--data_file={small_corpus}", f"--data_dir={tmp_path}", f"--out_dir={tmp_path / 'out'}"]
+    assert train.main([*common, *TRAIN_FLAGS, "--max_iters=2", "--model=feedforward"]) == 0
+    with pytest.raises(UserError, match="--model=bigram differs from the checkpoint's feedforward"):
+        train.main([*common, "--resume", "--model=bigram"])
+
+
+def test_compare_trains_every_model_and_writes_the_table(small_corpus, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    code = compare.main([f"--data_file={small_corpus}", f"--data_dir={tmp_path}", f"--out_dir={out}",
+                         *TRAIN_FLAGS, "--max_iters=20", "--eval_interval=10"])
+    assert code == 0
+    rows = json.loads((out / "compare.json").read_text())["rows"]
+    assert [r["model"] for r in rows] == list(MODELS)
+    for row in rows:
+        assert row["iter"] == 20 and row["val_loss"] > 0 and row["tokens_per_sec"] > 0
+        assert len(row["sample"]) == compare.SAMPLE_CHARS
+        assert (out / row["model"] / "ckpt.pt").is_file()
+    assert rows[0]["parameters"] < rows[1]["parameters"] < rows[3]["parameters"] < rows[4]["parameters"]
+    table = (out / "compare.md").read_text().splitlines()
+    assert len(table) == 2 + len(MODELS) and all(f"| {name} |" in table[2 + i] for i, name in enumerate(MODELS))
+    assert "\n".join(table) in capsys.readouterr().out
+    with pytest.raises(UserError, match="drop --model"):
+        compare.main([f"--out_dir={out}", "--model=gpt"])
