@@ -1,10 +1,11 @@
 """The corpus, the character tokenizer and the batches.
 
 Tiny Shakespeare is downloaded on first use into `data_dir` and checked against its sha256; any UTF-8
-text file can be used instead. The vocabulary is the sorted set of the corpus' characters; the first 90%
-of the encoded corpus is the train split, the rest the val split. Encoded splits are cached in
-`data_dir/cache`, keyed by the corpus' sha256, so a second start does not re-encode. Batches are random
-windows drawn with a seeded `torch.Generator` from the encoded corpus held on the training device.
+text file can be used instead. The vocabulary is the sorted set of the corpus' characters (or a
+checkpoint's, when resuming or fine-tuning); the first 90% of the encoded corpus is the train split,
+the rest the val split. Encoded splits are cached in `data_dir/cache`, keyed by the corpus' sha256
+and the vocabulary, so a second start does not re-encode. Batches are random windows drawn with a
+seeded `torch.Generator` from the encoded corpus held on the training device.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from fastgpt.config import UserError
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 TRAIN_FRACTION = 0.9
-CACHE_VERSION = 1  # bump when the cached layout or the split changes
+CACHE_VERSION = 2  # bump when the cached layout or the split changes
 
 
 def atomic_write(path: Path, write) -> None:
@@ -69,11 +70,11 @@ def tiny_shakespeare(data_dir: str | Path, url: str = TINY_SHAKESPEARE_URL) -> P
 
 
 class CharTokenizer:
-    """Characters <-> token ids; the vocabulary is a string of distinct characters in sorted order."""
+    """Characters <-> token ids. The vocabulary is a string of distinct characters: sorted for a
+    corpus of its own, and a checkpoint's vocabulary plus new characters when fine-tuning extends it."""
 
     def __init__(self, vocab: str):
         self.vocab = vocab
-        self._codepoints = np.array([ord(c) for c in vocab], dtype=np.uint32)
         self._stoi = {c: i for i, c in enumerate(vocab)}
 
     @classmethod
@@ -91,10 +92,12 @@ class CharTokenizer:
     def encode(self, text: str) -> np.ndarray:
         """Token ids of `text` (which must use only vocabulary characters), as int64."""
         codepoints = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-        ids = np.searchsorted(self._codepoints, codepoints)  # vocab is sorted by code point
-        if len(ids) and (ids.max() >= len(self.vocab) or (self._codepoints[ids] != codepoints).any()):
-            raise ValueError(f"text has characters outside the vocabulary: {self.unknown(text)!r}")
-        return ids.astype(np.int64)
+        distinct, inverse = np.unique(codepoints, return_inverse=True)  # a dict lookup per character kind
+        try:
+            ids = np.array([self._stoi[chr(c)] for c in distinct.tolist()], dtype=np.int64)
+        except KeyError:
+            raise ValueError(f"text has characters outside the vocabulary: {self.unknown(text)!r}") from None
+        return ids[inverse.reshape(-1)]
 
     def decode(self, ids) -> str:
         return "".join(self.vocab[i] for i in ids)
@@ -132,26 +135,39 @@ def read_text_file(path: Path, flag: str = "--data_file") -> tuple[str, str]:
     return text, hashlib.sha256(raw).hexdigest()
 
 
-def load_corpus(data_file: str = "", data_dir: str | Path = "data") -> Corpus:
-    """Read, tokenize and split a corpus (Tiny Shakespeare when data_file is empty), using the cache."""
+def load_corpus(data_file: str = "", data_dir: str | Path = "data", vocab: str | None = None,
+                extend_vocab: bool = False) -> Corpus:
+    """Read, tokenize and split a corpus (Tiny Shakespeare when data_file is empty), using the cache.
+
+    The vocabulary is the corpus' own sorted characters, or `vocab` (a checkpoint's, when resuming or
+    fine-tuning): then characters outside it are a UserError, unless `extend_vocab` appends them.
+    """
     path = Path(data_file) if data_file else tiny_shakespeare(data_dir)
     text, sha = read_text_file(path)
-    cache = Path(data_dir) / "cache" / f"{sha}-v{CACHE_VERSION}.npz"
+    chars = sorted(set(text))
+    if vocab is None:
+        vocab = "".join(chars)
+    else:
+        missing = [c for c in chars if c not in set(vocab)]
+        if missing and not extend_vocab:
+            raise UserError(f"{path} has characters the checkpoint's vocabulary lacks: "
+                            f"{' '.join(repr(c) for c in missing)}; pass --extend_vocab to add them")
+        vocab += "".join(missing)
+    tokenizer = CharTokenizer(vocab)
+    vocab_key = hashlib.sha256(vocab.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    cache = Path(data_dir) / "cache" / f"{sha}-{vocab_key}-v{CACHE_VERSION}.npz"
     if cache.exists():
         try:
             with np.load(cache) as z:
-                vocab = "".join(map(chr, z["vocab"].tolist()))
-                return Corpus(path, sha, CharTokenizer(vocab), z["train"], z["val"])
+                return Corpus(path, sha, tokenizer, z["train"], z["val"])
         except Exception:  # numpy/zipfile raise many types for a damaged file: rebuild it below
             pass
-    tokenizer = CharTokenizer.from_text(text)
     dtype = np.uint8 if tokenizer.vocab_size <= 256 else np.int32
     ids = tokenizer.encode(text).astype(dtype)
     n_train = int(len(ids) * TRAIN_FRACTION)
     corpus = Corpus(path, sha, tokenizer, ids[:n_train], ids[n_train:])
     try:
-        atomic_write(cache, lambda f: np.savez(f, vocab=tokenizer._codepoints, train=corpus.train,
-                                                val=corpus.val))
+        atomic_write(cache, lambda f: np.savez(f, train=corpus.train, val=corpus.val))
     except OSError as e:
         print(f"warning: could not cache the encoded corpus in {cache.parent} ({e.strerror})")
     return corpus
