@@ -52,7 +52,8 @@ def test_train_step(benchmark, preset, backend, compiled):
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
     def step():
-        loss, _ = train_step(step_model, optimizer, batches, cfg, autocast)
+        loss, _ = train_step(step_model, optimizer, batches, cfg.gradient_accumulation_steps, cfg.grad_clip,
+                             autocast)
         loss.item()  # waits for the device, so the round times the whole step
 
     with kernels.backend(backend):

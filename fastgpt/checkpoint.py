@@ -60,3 +60,20 @@ def model_from_checkpoint(ckpt: dict, path: str | Path) -> tuple[LanguageModel, 
         raise UserError(f"{path} is inconsistent: vocabulary of {tokenizer.vocab_size} characters for a "
                         f"model with vocab_size {config.vocab_size}")
     return model.eval(), tokenizer
+
+
+@torch.no_grad()
+def load_weights(model: LanguageModel, state: dict, path: str | Path) -> None:
+    """Copy a checkpoint's weights into `model`, which may have a larger vocabulary: a tensor that grew
+    with it (embedding rows, output rows, a bigram table's columns) takes the checkpoint's values over
+    their old extent and keeps its fresh initialisation beyond, so old tokens' logits are unchanged."""
+    own = model.state_dict()
+    if set(state) != set(own):
+        raise UserError(f"{path} holds weights of another architecture: fine-tune with a checkpoint of "
+                        f"the same --model")
+    for name, tensor in state.items():
+        target = own[name]
+        if tensor.dim() != target.dim() or any(a > b for a, b in zip(tensor.shape, target.shape)):
+            raise UserError(f"{path}: {name} has shape {tuple(tensor.shape)}, which does not fit "
+                            f"{tuple(target.shape)}: use a checkpoint of this architecture")
+        target[tuple(slice(0, n) for n in tensor.shape)] = tensor

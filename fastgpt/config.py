@@ -43,6 +43,8 @@ class TrainConfig:
     data_file: str = ""  # UTF-8 text to train on; empty = Tiny Shakespeare, downloaded into data_dir
     data_dir: str = "data"  # where the corpus is downloaded and encoded splits are cached
     resume: bool = False  # continue exactly from out_dir/ckpt.pt
+    init_from: str = ""  # fine-tune: start from this checkpoint's weights (new optimizer, iteration 0)
+    extend_vocab: bool = False  # with init_from: add the new text's extra characters to the vocabulary
     model: str = "gpt"  # step of the lecture: bigram, attention, multihead, feedforward, blocks, gpt
     eval_interval: int = 250  # iterations between evaluations (and checkpoints)
     eval_iters: int = 200  # batches per split in each evaluation
@@ -86,6 +88,10 @@ class TrainConfig:
                 raise UserError(f"--{f.name} must be a finite number, got {value}")
         if self.model not in MODELS:
             raise UserError(f"unknown --model={self.model}: choose one of {', '.join(MODELS)}")
+        if self.resume and self.init_from:
+            raise UserError("--resume continues a run and --init_from starts a new one: pass only one")
+        if self.extend_vocab and not self.init_from:
+            raise UserError("--extend_vocab grows a checkpoint's vocabulary: use it with --init_from=CKPT")
         positive = ["eval_interval", "eval_iters", "log_interval", "batch_size", "block_size", "n_layer",
                     "n_head", "n_embd", "gradient_accumulation_steps", "lr_decay_iters"]
         for name in positive:
@@ -116,6 +122,11 @@ PRESETS: dict[str, TrainConfig] = {
     # 3e-3 reaches val 1.77 where 1e-3 (nanoGPT's) reaches 1.90 in the same 2000 steps (see README)
     "cpu": TrainConfig(eval_iters=20, block_size=64, batch_size=12, n_layer=4, n_head=4, n_embd=128,
                        max_iters=2000, lr_decay_iters=2000, dropout=0.0, learning_rate=3e-3),
+    # fine-tuning a trained model (--init_from) on a new, usually small, text: a tenth of the learning
+    # rate for a short schedule, evaluated often; the model's shape comes from the checkpoint
+    "finetune": TrainConfig(out_dir="out-finetune", batch_size=32, eval_interval=50, eval_iters=20,
+                            learning_rate=3e-4, min_lr=3e-5, warmup_iters=20, max_iters=500,
+                            lr_decay_iters=500, dropout=0.1),
 }
 
 # fields that fix the model's shape: a resumed run must keep them
@@ -224,5 +235,7 @@ def parse_train_args(argv: Sequence[str], cuda_available: bool) -> tuple[TrainCo
                           f"{'shakespeare_char' if cuda_available else 'cpu'}); defaults below are {preset}'s"))
         sys.exit(0)
     cfg, given = parse_flags(TrainConfig, rest, PRESETS[preset])
+    if preset == "finetune" and not cfg.init_from:
+        raise UserError("the finetune preset continues a trained model: pass --init_from=CKPT")
     cfg.validate()
     return cfg, given

@@ -1,7 +1,8 @@
 """Train a character-level GPT: `python -m fastgpt.train [--preset NAME] [--key=value ...]`.
 
 With no arguments it trains nanoGPT's shakespeare_char config on a CUDA machine and nanoGPT's CPU
-recipe elsewhere. `--help` lists every flag with its default.
+recipe elsewhere. `--help` lists every flag with its default. Under torchrun it trains data-parallel
+(`torchrun --standalone --nproc-per-node=N -m fastgpt.train ...`); `--init_from=CKPT` fine-tunes.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ from pathlib import Path
 import torch
 
 import kernels
-from fastgpt.checkpoint import load_checkpoint, save_checkpoint
+from fastgpt import distributed
+from fastgpt.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from fastgpt.config import ARCHITECTURE_FIELDS, TrainConfig, UserError, parse_train_args, run_main
 from fastgpt.data import Batches, load_corpus
+from fastgpt.distributed import World
 from fastgpt.model import build_model
 
 # dense bf16 tensor-core peaks in FLOP/s, matched against torch.cuda.get_device_name()
@@ -60,35 +63,46 @@ def get_lr(cfg: TrainConfig, it: int) -> float:
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
 
 
+def adopt_architecture(cfg: TrainConfig, given: set[str], saved: dict, source: str) -> TrainConfig:
+    """cfg with the model-shape fields of a checkpoint's model config; a flag given on the command
+    line that contradicts them is a UserError."""
+    for name in ARCHITECTURE_FIELDS:
+        if name in given and getattr(cfg, name) != saved[name]:
+            raise UserError(f"--{name}={getattr(cfg, name)} differs from {source}'s {saved[name]}: drop the "
+                            f"flag, or train a new model in another --out_dir")
+    return dataclasses.replace(cfg, **{name: saved[name] for name in ARCHITECTURE_FIELDS})
+
+
 def resume_config(cfg: TrainConfig, given: set[str], ckpt: dict) -> TrainConfig:
     """The checkpoint's train config, with the flags given on this command line applied on top."""
     saved = TrainConfig(**ckpt["train_config"])
-    for name in given:
-        if name in ARCHITECTURE_FIELDS and getattr(cfg, name) != getattr(saved, name):
-            raise UserError(f"--{name}={getattr(cfg, name)} differs from the checkpoint's "
-                            f"{getattr(saved, name)}: drop the flag to resume, or train a new model "
-                            f"in another --out_dir")
     merged = dataclasses.replace(saved, **{name: getattr(cfg, name) for name in given})
+    merged = adopt_architecture(merged, given, ckpt["model_config"], "the checkpoint")
     merged.validate()
     return merged
 
 
-def train_step(model, optimizer, batches: Batches, cfg: TrainConfig, autocast) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step over gradient_accumulation_steps micro-batches.
+def train_step(model, optimizer, batches: Batches, micro_steps: int, grad_clip: float,
+               autocast) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step over `micro_steps` micro-batches of this process.
 
-    Returns the step's mean loss and the gradient norm before clipping, as device tensors: reading
-    them is left to the caller, so the step itself never waits for the device.
+    Under DistributedDataParallel the gradients are averaged across processes only after the last
+    micro-batch (`no_sync` covers the forward and backward of the others). Returns the step's mean
+    loss and the gradient norm before clipping, as device tensors: reading them is left to the
+    caller, so the step itself never waits for the device.
     """
     loss_sum = torch.zeros((), device=batches.data.device)
-    for _ in range(cfg.gradient_accumulation_steps):
+    for micro in range(micro_steps):
         x, y = batches.next()
-        with autocast:
-            _, loss = model(x, y)
-            loss = loss / cfg.gradient_accumulation_steps
-        loss_sum += loss.detach().float()
-        loss.backward()
+        defer_sync = hasattr(model, "no_sync") and micro < micro_steps - 1
+        with model.no_sync() if defer_sync else nullcontext():
+            with autocast:
+                _, loss = model(x, y)
+                loss = loss / micro_steps
+            loss_sum += loss.detach().float()
+            loss.backward()
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss_sum, grad_norm
@@ -97,8 +111,9 @@ def train_step(model, optimizer, batches: Batches, cfg: TrainConfig, autocast) -
 class StopRequest:
     """Turns SIGINT/SIGTERM into a flag read at step boundaries; a second signal aborts at once."""
 
-    def __init__(self):
+    def __init__(self, announce: bool = True):
         self.signum: int | None = None
+        self.announce = announce  # only one process of a torchrun job says it
         self._previous = {}
 
     def __enter__(self):
@@ -114,21 +129,39 @@ class StopRequest:
         if self.signum is not None:
             raise KeyboardInterrupt
         self.signum = signum
-        print(f"\n{signal.Signals(signum).name}: saving a checkpoint at the end of this step "
-              f"(signal again to abort without saving)", flush=True)
+        if self.announce:
+            print(f"\n{signal.Signals(signum).name}: saving a checkpoint at the end of this step "
+                  f"(signal again to abort without saving)", flush=True)
 
 
 def main(argv: list[str]) -> int:
-    # -------------------------------------------------------------------------------------------------
-    # configuration
     cfg, given = parse_train_args(argv, torch.cuda.is_available())
-    out_dir = Path(cfg.out_dir)
-    ckpt_path = out_dir / "ckpt.pt"
     ckpt = None
     if cfg.resume:
-        ckpt = load_checkpoint(ckpt_path)
+        ckpt = load_checkpoint(Path(cfg.out_dir) / "ckpt.pt")
         cfg = resume_config(cfg, given, ckpt)
-    device = resolve_device(cfg.device)
+    world = distributed.init(cfg.device, resolve_device)
+    try:
+        return train(cfg, given, ckpt, world)
+    finally:
+        distributed.shutdown()
+
+
+def train(cfg: TrainConfig, given: set[str], ckpt: dict | None, world: World) -> int:
+    # -------------------------------------------------------------------------------------------------
+    # configuration
+    log = print if world.master else (lambda *args, **kwargs: None)
+    out_dir = Path(cfg.out_dir)
+    ckpt_path = out_dir / "ckpt.pt"
+    if ckpt is not None and len(ckpt["rng"]) != world.size:
+        raise UserError(f"{ckpt_path} was written by {len(ckpt['rng'])} process(es) but this run has "
+                        f"{world.size}: resume with torchrun --nproc-per-node={len(ckpt['rng'])} "
+                        f"(or without torchrun for 1)")
+    if cfg.gradient_accumulation_steps % world.size:
+        raise UserError(f"--gradient_accumulation_steps={cfg.gradient_accumulation_steps} is the global "
+                        f"number of micro-batches and must be a multiple of the {world.size} processes")
+    micro_steps = cfg.gradient_accumulation_steps // world.size
+    device = world.device
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
     use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
     kernels.set_backend("reference" if cfg.reference else "auto")
@@ -139,20 +172,28 @@ def main(argv: list[str]) -> int:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(cfg.seed)
+    init = load_checkpoint(cfg.init_from) if cfg.init_from else None
+    if init is not None:
+        cfg = adopt_architecture(cfg, given, init["model_config"], cfg.init_from)
 
     # -------------------------------------------------------------------------------------------------
     # data and model
-    corpus = load_corpus(cfg.data_file, cfg.data_dir)
+    start = ckpt or init
+    corpus = load_corpus(cfg.data_file, cfg.data_dir, vocab=start["vocab"] if start else None,
+                         extend_vocab=cfg.extend_vocab and ckpt is None)
     if ckpt is not None and ckpt["corpus_sha256"] != corpus.sha256:
         raise UserError(f"{corpus.source} is not the corpus {ckpt_path} was trained on: resume with the "
                         f"same --data_file")
-    train_batches = Batches(corpus.train, cfg.block_size, cfg.batch_size, device, cfg.seed, "train")
-    eval_batches = {"train": train_batches,
-                     "val": Batches(corpus.val, cfg.block_size, cfg.batch_size, device, cfg.seed, "val")}
+    train_batches = Batches(corpus.train, cfg.block_size, cfg.batch_size, device,
+                            world.seed(cfg.seed, 0), "train")
+    val_batches = Batches(corpus.val, cfg.block_size, cfg.batch_size, device, world.seed(cfg.seed, 0), "val")
     eval_generator = torch.Generator(device=device)
     model_config = cfg.model_config(corpus.tokenizer.vocab_size)
+    torch.manual_seed(cfg.seed)  # the same initial weights in every process
     raw_model = build_model(model_config).to(device)
+    if init is not None:
+        load_weights(raw_model, init["model"], cfg.init_from)
+    torch.manual_seed(world.seed(cfg.seed, 2))  # dropout: a stream of its own in each process
     optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate,
                                                (cfg.beta1, cfg.beta2), device.type)
     iter_num, best_val = 0, float("inf")
@@ -160,73 +201,88 @@ def main(argv: list[str]) -> int:
         raw_model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         iter_num, best_val = ckpt["iter_num"], ckpt["best_val_loss"]
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if device.type == "cuda" and ckpt["rng"]["cuda"] is not None:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
-        train_batches.generator.set_state(ckpt["rng"]["batches"])
-    model = torch.compile(raw_model) if use_compile else raw_model
+        rng = ckpt["rng"][world.rank]
+        torch.set_rng_state(rng["torch"])
+        if device.type == "cuda" and rng["cuda"] is not None:
+            torch.cuda.set_rng_state(rng["cuda"], device)
+        train_batches.generator.set_state(rng["batches"])
+    core = torch.compile(raw_model) if use_compile else raw_model
+    model = core
+    if world.size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            core, device_ids=[device.index] if device.type == "cuda" else None)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext())
-    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
+    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size  # all processes
     flops_per_iter = raw_model.flops_per_token() * tokens_per_iter
     peak = peak_flops(device)
-    print(f"fastgpt: {raw_model.get_num_params() / 1e6:.2f}M parameters, {corpus.tokenizer.vocab_size} "
-          f"characters, {len(corpus.train):,} train / {len(corpus.val):,} val tokens from {corpus.source}")
-    print(f"device {device}, {dtype}, compile {'on' if use_compile else 'off'}, kernels "
-          f"{'reference' if cfg.reference else 'auto'}, {tokens_per_iter:,} tokens/iter"
-          + (f", resuming at iter {iter_num}" if ckpt is not None else ""))
+    peak = peak * world.size if peak else None  # every process' GPU
+    log(f"fastgpt: {cfg.model} model, {raw_model.get_num_params() / 1e6:.2f}M parameters, "
+        f"{corpus.tokenizer.vocab_size} characters, {len(corpus.train):,} train / {len(corpus.val):,} val "
+        f"tokens from {corpus.source}" + (f", weights from {cfg.init_from}" if init is not None else ""))
+    log(f"device {device}{f' x {world.size} processes' if world.size > 1 else ''}, {dtype}, compile "
+        f"{'on' if use_compile else 'off'}, kernels {'reference' if cfg.reference else 'auto'}, "
+        f"{tokens_per_iter:,} tokens/iter" + (f", resuming at iter {iter_num}" if ckpt is not None else ""))
 
     # -------------------------------------------------------------------------------------------------
     # helpers that close over the run's state
     metrics_path = out_dir / "metrics.jsonl"
-    if ckpt is not None and metrics_path.exists():  # drop records of steps the checkpoint did not keep
-        kept = [line for line in metrics_path.read_text().splitlines()
-                if line.strip() and json.loads(line)["iter"] <= iter_num]
-        metrics_path.write_text("".join(line + "\n" for line in kept))
-    elif ckpt is None:
-        metrics_path.write_text("")
-    metrics = metrics_path.open("a")
+    metrics = None
+    if world.master:
+        if ckpt is not None and metrics_path.exists():  # drop records of steps the checkpoint did not keep
+            kept = [line for line in metrics_path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["iter"] <= iter_num]
+            metrics_path.write_text("".join(line + "\n" for line in kept))
+        elif ckpt is None:
+            metrics_path.write_text("")
+        metrics = metrics_path.open("a")
 
     def record(**fields) -> None:
-        metrics.write(json.dumps(fields) + "\n")
-        metrics.flush()
+        if metrics is not None:
+            metrics.write(json.dumps(fields) + "\n")
+            metrics.flush()
 
     @torch.no_grad()
     def evaluate() -> dict[str, float]:
-        """Mean loss over eval_iters batches of each split; the same batches at every evaluation."""
-        model.eval()
-        losses = {}
-        for split, batches in eval_batches.items():
-            eval_generator.manual_seed(cfg.seed + 1)
-            total = torch.zeros((), device=device)
+        """Mean loss over eval_iters batches of each split (the same batches at every evaluation),
+        averaged over the processes."""
+        core.eval()
+        losses = torch.zeros(2, device=device)
+        for i, batches in enumerate((train_batches, val_batches)):
+            eval_generator.manual_seed(world.seed(cfg.seed, 1))
             for _ in range(cfg.eval_iters):
                 x, y = batches.next(eval_generator)
                 with autocast:
-                    _, loss = model(x, y)
-                total += loss.float()
-            losses[split] = (total / cfg.eval_iters).item()
-        model.train()
-        return losses
+                    _, loss = core(x, y)
+                losses[i] += loss.float() / cfg.eval_iters
+        core.train()
+        train_loss, val_loss = world.mean(losses).tolist()
+        return {"train": train_loss, "val": val_loss}
 
-    def checkpoint_payload(full: bool) -> dict:
+    def save(full: bool) -> None:
+        """Write best.pt (weights only) or ckpt.pt (everything resume needs: a collective call)."""
         payload = {"model": raw_model.state_dict(), "model_config": dataclasses.asdict(model_config),
                    "vocab": corpus.tokenizer.vocab, "corpus_sha256": corpus.sha256,
                    "iter_num": iter_num, "best_val_loss": best_val}
         if full:
             payload |= {
                 "optimizer": optimizer.state_dict(), "train_config": dataclasses.asdict(cfg),
-                "rng": {"torch": torch.get_rng_state(),
-                        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                        "batches": train_batches.generator.get_state()},
+                "rng": world.gather({
+                    "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                    "batches": train_batches.generator.get_state(),
+                }),
             }
-        return payload
+        if world.master:
+            save_checkpoint(ckpt_path if full else out_dir / "best.pt", payload)
 
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # checked at syncs, not every step
 
     def check_finite(since: int) -> None:
-        if nonfinite.item():
-            print(f"fastgpt.train: error: loss or gradient norm became non-finite between iter {since} and "
-                  f"{iter_num}; stopped without saving (last good checkpoint: {ckpt_path}): lower "
-                  f"--learning_rate or enable --grad_clip", file=sys.stderr)
+        if world.any(nonfinite):
+            if world.master:
+                print(f"fastgpt.train: error: loss or gradient norm became non-finite between iter {since} "
+                      f"and {iter_num}; stopped without saving (last good checkpoint: {ckpt_path}): lower "
+                      f"--learning_rate or enable --grad_clip", file=sys.stderr)
             sys.exit(1)
 
     # -------------------------------------------------------------------------------------------------
@@ -234,7 +290,7 @@ def main(argv: list[str]) -> int:
     model.train()
     last_log_iter, last_log_time = iter_num, time.perf_counter()
     start_iter = iter_num
-    with StopRequest() as stop:
+    with StopRequest(world.master) as stop:
         while True:
             lr = get_lr(cfg, iter_num)
             for group in optimizer.param_groups:
@@ -243,45 +299,48 @@ def main(argv: list[str]) -> int:
             if evaluate_now and not (ckpt is not None and iter_num == start_iter):
                 check_finite(last_log_iter)
                 losses = evaluate()
-                print(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                log(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
                 record(iter=iter_num, train_loss=losses["train"], val_loss=losses["val"])
                 if losses["val"] < best_val:
                     best_val = losses["val"]
-                    save_checkpoint(out_dir / "best.pt", checkpoint_payload(full=False))
-                save_checkpoint(ckpt_path, checkpoint_payload(full=True))
+                    save(full=False)
+                save(full=True)
                 last_log_iter, last_log_time = iter_num, time.perf_counter()  # eval is not training time
             if iter_num >= cfg.max_iters:
                 break
-            if stop.signum is not None:
+            signum = stop.signum or 0
+            if world.any(signum != 0):
                 check_finite(last_log_iter)
-                save_checkpoint(ckpt_path, checkpoint_payload(full=True))
-                print(f"stopped at iter {iter_num}; saved {ckpt_path}: continue with --resume "
-                      f"--out_dir={out_dir}")
-                return 128 + stop.signum
+                save(full=True)
+                log(f"stopped at iter {iter_num}; saved {ckpt_path}: continue with --resume --out_dir={out_dir}")
+                return 128 + (signum or signal.SIGTERM)
 
-            loss_sum, grad_norm = train_step(model, optimizer, train_batches, cfg, autocast)
+            loss_sum, grad_norm = train_step(model, optimizer, train_batches, micro_steps, cfg.grad_clip,
+                                             autocast)
             nonfinite |= ~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
             iter_num += 1
 
             if iter_num % cfg.log_interval == 0:
-                loss_value, norm_value = loss_sum.item(), grad_norm.item()  # the one host sync per log
+                loss_value = world.mean(loss_sum).item()  # the one host sync per log interval
+                norm_value = grad_norm.item()
                 check_finite(last_log_iter)
                 now = time.perf_counter()
                 ms = (now - last_log_time) * 1000 / (iter_num - last_log_iter)
                 tokens_per_sec = tokens_per_iter / (ms / 1000)
                 mfu = flops_per_iter / (ms / 1000) / peak if peak else None
-                print(f"iter {iter_num}: loss {loss_value:.4f}, lr {lr:.2e}, grad norm {norm_value:.3f}, "
-                      f"{ms:.1f} ms/iter, {tokens_per_sec:,.0f} tokens/s"
-                      + (f", MFU {mfu * 100:.1f}%" if mfu is not None else ""))
+                log(f"iter {iter_num}: loss {loss_value:.4f}, lr {lr:.2e}, grad norm {norm_value:.3f}, "
+                    f"{ms:.1f} ms/iter, {tokens_per_sec:,.0f} tokens/s"
+                    + (f", MFU {mfu * 100:.1f}%" if mfu is not None else ""))
                 record(iter=iter_num, loss=loss_value, lr=lr, grad_norm=norm_value, ms_per_iter=ms,
                        tokens_per_sec=tokens_per_sec, mfu=mfu)
                 last_log_iter, last_log_time = iter_num, now
-    metrics.close()
+    if metrics is not None:
+        metrics.close()
 
     # -------------------------------------------------------------------------------------------------
     # summary
-    print(f"best val loss {best_val:.4f}; checkpoints in {out_dir} (best.pt: best val, ckpt.pt: latest)")
-    if cfg.sample_chars:
+    log(f"best val loss {best_val:.4f}; checkpoints in {out_dir} (best.pt: best val, ckpt.pt: latest)")
+    if cfg.sample_chars and world.master:
         tokenizer = corpus.tokenizer
         prompt = "\n" if "\n" in tokenizer.vocab else tokenizer.vocab[0]
         generator = torch.Generator(device=device)
