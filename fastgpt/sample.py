@@ -61,7 +61,6 @@ def main(argv: list[str]) -> int:
 
     device = resolve_device(cfg.device)
     kernels.set_backend("reference" if cfg.reference else "auto")
-    torch.manual_seed(cfg.seed)
     model.to(device)
     generator = torch.Generator(device=device)
     generator.manual_seed(cfg.seed)

@@ -75,7 +75,8 @@ def adopt_architecture(cfg: TrainConfig, given: set[str], saved: dict, source: s
 
 def resume_config(cfg: TrainConfig, given: set[str], ckpt: dict) -> TrainConfig:
     """The checkpoint's train config, with the flags given on this command line applied on top."""
-    saved = TrainConfig(**ckpt["train_config"])
+    # a fine-tuned run started from init_from; resuming it starts from this checkpoint instead
+    saved = dataclasses.replace(TrainConfig(**ckpt["train_config"]), init_from="", extend_vocab=False)
     merged = dataclasses.replace(saved, **{name: getattr(cfg, name) for name in given})
     merged = adopt_architecture(merged, given, ckpt["model_config"], "the checkpoint")
     merged.validate()
@@ -186,6 +187,7 @@ def train(cfg: TrainConfig, given: set[str], ckpt: dict | None, world: World) ->
                         f"same --data_file")
     train_batches = Batches(corpus.train, cfg.block_size, cfg.batch_size, device,
                             world.seed(cfg.seed, 0), "train")
+    # the val split is only evaluated: its batches come from eval_generator, not its own generator
     val_batches = Batches(corpus.val, cfg.block_size, cfg.batch_size, device, world.seed(cfg.seed, 0), "val")
     eval_generator = torch.Generator(device=device)
     model_config = cfg.model_config(corpus.tokenizer.vocab_size)

@@ -54,6 +54,8 @@ def test_finetuning_lowers_the_loss_on_the_new_text(base, tmp_path, capsys):
     assert steps == {40}  # a fresh optimizer: its step count starts from zero
     assert "weights from" in capsys.readouterr().out
     assert sample.main([f"--out_dir={out}", "--prompt=a fool", "--max_new_tokens=10"]) == 0
+    assert train.main([f"--out_dir={out}", "--resume", "--max_iters=45", "--lr_decay_iters=45"]) == 0
+    assert load_checkpoint(out / "ckpt.pt")["iter_num"] == 45  # a fine-tuned run resumes like any other
 
 
 def test_characters_outside_the_vocabulary_are_a_one_line_error(base, tmp_path, cli):
