@@ -22,26 +22,46 @@ VERSION = 1
 
 def save_checkpoint(path: str | Path, payload: dict) -> None:
     """Write `payload` (plus the format marker) to path atomically: whole or not at all."""
-    atomic_write(Path(path), lambda f: torch.save({"format": FORMAT, "version": VERSION, **payload}, f))
+    try:
+        atomic_write(Path(path), lambda f: torch.save({"format": FORMAT, "version": VERSION, **payload}, f))
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        reason = getattr(e, "strerror", None) or str(e).strip().splitlines()[0][:120]
+        raise UserError(f"could not write {path} ({reason}); the previous checkpoint is intact: free disk "
+                        f"space or choose a writable --out_dir") from None
 
 
 def load_checkpoint(path: str | Path) -> dict:
     """Read a fastgpt checkpoint onto the CPU; a missing, truncated or foreign file is a UserError."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"no checkpoint at {path}: train one with python -m fastgpt.train, or point "
-                        f"--out_dir/--checkpoint at an existing one")
+        raise UserError(f"no checkpoint at {path}: train one with python -m fastgpt.train, or give the "
+                        f"path of an existing one")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for damaged files; all mean the same to a user
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path} is not a readable fastgpt checkpoint, it may be truncated or foreign "
-                        f"({reason[:160]}): use another checkpoint or train a new one") from None
+    except PermissionError as e:
+        raise UserError(f"cannot read {path} ({e.strerror}): check its permissions") from None
+    except Exception:  # torch raises many types for damaged files; all mean the same to a user
+        raise UserError(f"{path} is not a readable fastgpt checkpoint (truncated, damaged or another "
+                        f"kind of file): use another checkpoint or train a new one") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UserError(f"{path} is not a fastgpt checkpoint: use one written by python -m fastgpt.train")
     if ckpt.get("version") != VERSION:
         raise UserError(f"{path} is a version {ckpt.get('version')} checkpoint; this fastgpt reads "
                         f"version {VERSION}: use a matching fastgpt")
+    return ckpt
+
+
+def require(ckpt: dict, path: str | Path, purpose: str, keys: tuple[str, ...]) -> dict:
+    """`ckpt` if it holds every key that `purpose` needs; a UserError otherwise (e.g. resuming from a
+    weights-only best.pt)."""
+    missing = [key for key in keys if key not in ckpt]
+    if missing:
+        hint = (": resume from the ckpt.pt a run writes, or fine-tune from this one with --init_from"
+                if purpose == "resume" and "model" in ckpt else ": use a checkpoint written by fastgpt.train")
+        raise UserError(f"cannot {purpose} {path}: it lacks {', '.join(missing)}{hint}")
+    if not isinstance(ckpt["vocab"], str) or ("rng" in keys and not isinstance(ckpt["rng"], list)):
+        raise UserError(f"{path} is damaged (its vocabulary or RNG states have the wrong type): use "
+                        f"another checkpoint")
     return ckpt
 
 
@@ -52,8 +72,8 @@ def model_from_checkpoint(ckpt: dict, path: str | Path) -> tuple[LanguageModel, 
         model = build_model(config)
         model.load_state_dict(ckpt["model"])
         tokenizer = CharTokenizer(ckpt["vocab"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        reason = str(e).strip().splitlines()[0]
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, AssertionError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise UserError(f"{path} does not hold a valid fastgpt model ({reason[:160]}): "
                         f"use a checkpoint written by python -m fastgpt.train") from None
     if tokenizer.vocab_size != config.vocab_size:

@@ -18,6 +18,7 @@ import torch
 from fastgpt import train
 from fastgpt.checkpoint import load_checkpoint, model_from_checkpoint
 from fastgpt.config import UserError, parse_train_args, run_main
+from fastgpt.data import default_prompt
 from fastgpt.model import MODELS
 
 DEFAULT_OUT_DIR = "out-compare"
@@ -32,10 +33,9 @@ def summarize(name: str, out_dir: Path, seed: int) -> dict:
     tokens_per_iter = steps[0]["tokens_per_sec"] * steps[0]["ms_per_iter"] / 1000 if steps else 0.0
     mean_ms = sum(r["ms_per_iter"] for r in steps) / len(steps) if steps else float("nan")
     model, tokenizer = model_from_checkpoint(load_checkpoint(out_dir / "ckpt.pt"), out_dir / "ckpt.pt")
-    prompt = "\n" if "\n" in tokenizer.vocab else tokenizer.vocab[0]
     generator = torch.Generator().manual_seed(seed)
-    out = model.generate(torch.from_numpy(tokenizer.encode(prompt))[None], SAMPLE_CHARS, temperature=0.8,
-                         generator=generator)
+    out = model.generate(torch.from_numpy(tokenizer.encode(default_prompt(tokenizer)))[None], SAMPLE_CHARS,
+                         temperature=0.8, generator=generator)
     return {"model": name, "parameters": model.get_num_params(), "iter": final_eval["iter"],
             "train_loss": final_eval["train_loss"], "val_loss": final_eval["val_loss"],
             "tokens_per_sec": tokens_per_iter / (mean_ms / 1000) if steps else None,
@@ -58,10 +58,17 @@ def main(argv: list[str]) -> int:
         print(__doc__)
         return train.main(["--help"])
     cfg, given = parse_train_args(argv, torch.cuda.is_available())
-    if "model" in given or cfg.resume:
-        raise UserError("compare trains every --model itself and starts fresh: drop --model and --resume")
+    if "model" in given or cfg.resume or cfg.init_from:
+        raise UserError("compare trains every --model itself and starts fresh: drop --model, --resume "
+                        "and --init_from")
     out_root = Path(cfg.out_dir if "out_dir" in given else DEFAULT_OUT_DIR)
-    passthrough = [arg for arg in argv if not arg.startswith("--out_dir")]
+    passthrough, args = [], list(argv)
+    while args:  # everything but --out_dir, in either form
+        arg = args.pop(0)
+        if arg in ("--out_dir", "--out-dir"):
+            args.pop(0)
+        elif not arg.startswith(("--out_dir=", "--out-dir=")):
+            passthrough.append(arg)
     rows = []
     for name in MODELS:
         print(f"=== {name} ===", flush=True)

@@ -7,8 +7,10 @@ Errors a user can cause raise `UserError`, which the entry points turn into one 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import inspect
 import math
+import os
 import re
 import sys
 import types
@@ -24,16 +26,43 @@ class UserError(Exception):
 
 
 def run_main(main: Callable[[list[str]], int | None], prog: str) -> None:
-    """Run an entry point, turning UserError into one line on stderr and exit code 2."""
+    """Run an entry point: a UserError, or an OSError from the environment (permissions, a full disk,
+    a bad path), becomes one line on stderr and exit code 2; a closed stdout ends the run quietly."""
     try:
         code = main(sys.argv[1:])
     except UserError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except BrokenPipeError:  # e.g. `python -m fastgpt.sample | head -1`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"{prog}: error: {e.strerror or e}{where}: check the path, its permissions and the free "
+              f"disk space", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         sys.exit(130)
     sys.exit(code or 0)
+
+
+def make_log(enabled: bool = True) -> Callable[..., None]:
+    """print() for progress lines, off when `enabled` is false (other ranks of a torchrun job); a
+    reader that goes away (`| head`, a `| tee` killed by Ctrl-C) silences it instead of stopping
+    the run."""
+    state = {"open": enabled}
+
+    def log(*args, **kwargs) -> None:
+        if not state["open"]:
+            return
+        try:
+            print(*args, **kwargs, flush=True)
+        except BrokenPipeError:
+            state["open"] = False
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+    return log
 
 
 @dataclass
@@ -43,6 +72,7 @@ class TrainConfig:
     data_file: str = ""  # UTF-8 text to train on; empty = Tiny Shakespeare, downloaded into data_dir
     data_dir: str = "data"  # where the corpus is downloaded and encoded splits are cached
     resume: bool = False  # continue exactly from out_dir/ckpt.pt
+    overwrite: bool = False  # start afresh in an out_dir that holds an earlier run, replacing it
     init_from: str = ""  # fine-tune: start from this checkpoint's weights (new optimizer, iteration 0)
     extend_vocab: bool = False  # with init_from: add the new text's extra characters to the vocabulary
     model: str = "gpt"  # step of the lecture: bigram, attention, multihead, feedforward, blocks, gpt
@@ -86,6 +116,12 @@ class TrainConfig:
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise UserError(f"--{f.name} must be a finite number, got {value}")
+        if not self.out_dir:
+            raise UserError("--out_dir is empty: name a directory for the checkpoints, e.g. --out_dir=out")
+        if abs(self.seed) >= 2**62:  # torch generators take 64-bit seeds; ranks add small offsets
+            raise UserError(f"--seed must be between -2**62 and 2**62, got {self.seed}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise UserError(f"--beta1 and --beta2 must be in [0, 1), got {self.beta1} and {self.beta2}")
         if self.model not in MODELS:
             raise UserError(f"unknown --model={self.model}: choose one of {', '.join(MODELS)}")
         if self.resume and self.init_from:
@@ -129,8 +165,13 @@ PRESETS: dict[str, TrainConfig] = {
                             lr_decay_iters=500, dropout=0.1),
 }
 
-# fields that fix the model's shape: a resumed run must keep them
+# fields that fix the model's shape: a resumed or fine-tuned run takes them from its checkpoint
 ARCHITECTURE_FIELDS = ("model", "block_size", "n_layer", "n_head", "n_embd", "bias", "attn_window")
+
+
+# names users bring from other trainers, for the "did you mean" of an unknown flag
+HINTS = {"lr": "learning_rate", "iters": "max_iters", "steps": "max_iters", "batch": "batch_size",
+         "layers": "n_layer", "heads": "n_head", "embd": "n_embd", "context": "block_size", "ckpt": "checkpoint"}
 
 
 def field_comments(cls: type) -> dict[str, str]:
@@ -163,9 +204,12 @@ def _convert(name: str, text: str, hint: object) -> object:
             return False
         raise UserError(f"--{name} takes true or false, got {text!r}")
     try:
-        return hint(text)
+        value = hint(text)
     except ValueError:
         raise UserError(f"--{name} takes {'an integer' if hint is int else 'a number'}, got {text!r}") from None
+    if hint is int and not -2**63 <= value < 2**63:
+        raise UserError(f"--{name}={text} is out of range")
+    return value
 
 
 def format_help(cls: type, prog: str, defaults: object, extra: str = "") -> str:
@@ -198,14 +242,14 @@ def parse_flags(cls: type, argv: Sequence[str], defaults: object) -> tuple[objec
             values[name[3:]] = False
             continue
         if name not in hints:
-            close = [f.name for f in dataclasses.fields(cls) if name in f.name or f.name in name]
+            close = [HINTS[name]] if HINTS.get(name) in hints else difflib.get_close_matches(name, hints, n=1)
             hint = f" (did you mean --{close[0]}?)" if close else ""
             raise UserError(f"unknown flag --{key}{hint}; see --help for the list")
         if not eq:
             if _is_bool(hints[name]):
                 values[name] = True
                 continue
-            if not args:
+            if not args or args[0].startswith("--"):
                 raise UserError(f"--{key} needs a value: --{key}=VALUE")
             text = args.pop(0)
         values[name] = _convert(name, text, hints[name])
@@ -235,7 +279,8 @@ def parse_train_args(argv: Sequence[str], cuda_available: bool) -> tuple[TrainCo
                           f"{'shakespeare_char' if cuda_available else 'cpu'}); defaults below are {preset}'s"))
         sys.exit(0)
     cfg, given = parse_flags(TrainConfig, rest, PRESETS[preset])
-    if preset == "finetune" and not cfg.init_from:
-        raise UserError("the finetune preset continues a trained model: pass --init_from=CKPT")
+    if preset == "finetune" and not (cfg.init_from or cfg.resume):
+        raise UserError("the finetune preset continues a trained model: pass --init_from=CKPT "
+                        "(or --resume to continue a fine-tuning run)")
     cfg.validate()
     return cfg, given

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import tempfile
 import urllib.request
 from dataclasses import dataclass
@@ -103,6 +104,12 @@ class CharTokenizer:
         return "".join(self.vocab[i] for i in ids)
 
 
+def default_prompt(tokenizer: CharTokenizer) -> str:
+    """What generation starts from when no prompt is given: a newline, as nanoGPT, or the first
+    character of a vocabulary that has none."""
+    return "\n" if "\n" in tokenizer.vocab else tokenizer.vocab[0]
+
+
 @dataclass
 class Corpus:
     source: Path
@@ -115,43 +122,51 @@ class Corpus:
 def read_text_file(path: Path, flag: str = "--data_file") -> tuple[str, str]:
     """The file's text and the sha256 of its bytes; a missing, empty or non-UTF-8 file is a UserError
     that names the command-line `flag` the path came from."""
-    if not path.exists():
-        raise UserError(f"{path} does not exist: pass an existing UTF-8 text file with {flag}")
-    if not path.is_file():
-        raise UserError(f"{path} is not a regular file: pass a UTF-8 text file with {flag}")
     try:
+        if not path.exists():
+            raise UserError(f"{path} does not exist: pass an existing UTF-8 text file with {flag}")
+        if not path.is_file():
+            raise UserError(f"{path} is not a regular file: pass a UTF-8 text file with {flag}")
         raw = path.read_bytes()
     except OSError as e:
-        raise UserError(f"cannot read {path} ({e.strerror}): check its permissions") from None
+        raise UserError(f"cannot read {path} ({e.strerror}): check the path and its permissions") from None
     if not raw:
         raise UserError(f"{path} is empty: pass a UTF-8 text file with some text in it with {flag}")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
+        source = "UTF-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else "LATIN1"  # a BOM names UTF-16
         raise UserError(
             f"{path} is not UTF-8 text (bad byte at offset {e.start}): convert it, e.g. with "
-            f"iconv -f LATIN1 -t UTF-8, and pass it with {flag}"
+            f"iconv -f {source} -t UTF-8, and pass it with {flag}"
         ) from None
     return text, hashlib.sha256(raw).hexdigest()
 
 
 def load_corpus(data_file: str = "", data_dir: str | Path = "data", vocab: str | None = None,
-                extend_vocab: bool = False) -> Corpus:
+                extend_vocab: bool = False, expected_sha256: str | None = None) -> Corpus:
     """Read, tokenize and split a corpus (Tiny Shakespeare when data_file is empty), using the cache.
 
     The vocabulary is the corpus' own sorted characters, or `vocab` (a checkpoint's, when resuming or
     fine-tuning): then characters outside it are a UserError, unless `extend_vocab` appends them.
+    A resumed run passes `expected_sha256`, the corpus its checkpoint was trained on.
     """
     path = Path(data_file) if data_file else tiny_shakespeare(data_dir)
     text, sha = read_text_file(path)
+    if expected_sha256 is not None and sha != expected_sha256:
+        raise UserError(f"{path} is not the corpus the checkpoint was trained on: resume with the same "
+                        f"--data_file")
     chars = sorted(set(text))
     if vocab is None:
         vocab = "".join(chars)
     else:
         missing = [c for c in chars if c not in set(vocab)]
         if missing and not extend_vocab:
-            raise UserError(f"{path} has characters the checkpoint's vocabulary lacks: "
-                            f"{' '.join(repr(c) for c in missing)}; pass --extend_vocab to add them")
+            shown = " ".join(repr(c) for c in missing[:30])
+            if len(missing) > 30:
+                shown += f" and {len(missing) - 30} more"
+            raise UserError(f"{path} has characters the checkpoint's vocabulary lacks: {shown}; pass "
+                            f"--extend_vocab to add them")
         vocab += "".join(missing)
     tokenizer = CharTokenizer(vocab)
     vocab_key = hashlib.sha256(vocab.encode("utf-8", "surrogatepass")).hexdigest()[:16]
@@ -169,7 +184,8 @@ def load_corpus(data_file: str = "", data_dir: str | Path = "data", vocab: str |
     try:
         atomic_write(cache, lambda f: np.savez(f, train=corpus.train, val=corpus.val))
     except OSError as e:
-        print(f"warning: could not cache the encoded corpus in {cache.parent} ({e.strerror})")
+        print(f"warning: could not cache the encoded corpus in {cache.parent} ({e.strerror})",
+              file=sys.stderr)
     return corpus
 
 

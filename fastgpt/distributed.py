@@ -62,11 +62,21 @@ class World:
 
 def init(device_flag: str, resolve_device) -> World:
     """Join the torchrun job if there is one; returns this process' place in it, with its device."""
-    if "RANK" not in os.environ:
+    names = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")  # what torchrun sets
+    present = [name for name in names if name in os.environ]
+    if not present:
         return World(device=resolve_device(device_flag))
-    world = World(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"]))
+    if len(present) < len(names):
+        raise UserError(f"{', '.join(present)} set but not {', '.join(n for n in names if n not in present)}: "
+                        f"launch with torchrun, or unset them for a single process")
+    try:
+        world = World(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
+    except ValueError:
+        raise UserError("RANK, LOCAL_RANK and WORLD_SIZE must be integers: launch with torchrun") from None
     use_cuda = device_flag.startswith("cuda") or (device_flag == "auto" and torch.cuda.is_available())
     if use_cuda:
+        if not torch.cuda.is_available():
+            raise UserError(f"--device={device_flag} but CUDA is not available here: use --device=cpu")
         if world.local_rank >= torch.cuda.device_count():
             raise UserError(f"local rank {world.local_rank} has no GPU ({torch.cuda.device_count()} here): "
                             f"lower --nproc-per-node")

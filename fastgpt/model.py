@@ -231,7 +231,9 @@ class LanguageModel(nn.Module):
                 cache = self.new_cache()
                 logits, _ = self(context, cache=cache, pos=0)
                 pos = context.size(1)
-            logits = logits[:, -1, :] / temperature  # (B, vocab_size)
+            logits = logits[:, -1, :]  # (B, vocab_size)
+            # shifted so the largest logit is 0: a tiny temperature then sharpens to argmax, not to inf/nan
+            logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
             if top_k is not None:
                 kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
                 logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -6,7 +6,6 @@ going past block_size by sliding the context window.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import torch
 import kernels
 from fastgpt.checkpoint import load_checkpoint, model_from_checkpoint
 from fastgpt.config import UserError, format_help, parse_flags, run_main
-from fastgpt.data import read_text_file
+from fastgpt.data import default_prompt, read_text_file
 from fastgpt.train import resolve_device
 
 
@@ -23,7 +22,7 @@ from fastgpt.train import resolve_device
 class SampleConfig:
     out_dir: str = "out"  # training output directory; its best.pt is sampled unless --checkpoint is given
     checkpoint: str = ""  # path of a checkpoint file; overrides out_dir
-    prompt: str = "\n"  # text to continue
+    prompt: str = "\n"  # text to continue (by default a newline, or the vocabulary's first character)
     prompt_file: str = ""  # read the prompt from this UTF-8 file instead of --prompt
     num_samples: int = 3  # independent samples, generated as one batch
     max_new_tokens: int = 500  # characters generated per sample
@@ -51,7 +50,10 @@ def main(argv: list[str]) -> int:
     if not 0 <= cfg.top_k <= tokenizer.vocab_size:
         raise UserError(f"--top_k must be between 1 and the vocabulary size {tokenizer.vocab_size} "
                         f"(or 0 for no top-k), got {cfg.top_k}")
-    prompt = read_text_file(Path(cfg.prompt_file), "--prompt_file")[0] if cfg.prompt_file else cfg.prompt
+    if cfg.prompt_file:
+        prompt = read_text_file(Path(cfg.prompt_file), "--prompt_file")[0]
+    else:
+        prompt = cfg.prompt if "prompt" in given else default_prompt(tokenizer)
     if not prompt:
         raise UserError("the prompt is empty: pass at least one character with --prompt")
     unknown = tokenizer.unknown(prompt)
@@ -65,10 +67,10 @@ def main(argv: list[str]) -> int:
     generator = torch.Generator(device=device)
     generator.manual_seed(cfg.seed)
     idx = torch.from_numpy(tokenizer.encode(prompt)).to(device)[None].repeat(cfg.num_samples, 1)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    with autocast:
-        out = model.generate(idx, cfg.max_new_tokens, temperature=cfg.temperature,
-                             top_k=cfg.top_k or None, generator=generator, use_cache=cfg.kv_cache)
+    # fp32 on every device: generating a few characters is cheap, and in fp32 the cached and the
+    # cache-free computation agree (bf16 rounds them differently and can flip a sampled character)
+    out = model.generate(idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None,
+                         generator=generator, use_cache=cfg.kv_cache)
     for i, row in enumerate(out.tolist()):
         if i:
             print("---------------")

@@ -21,8 +21,9 @@ import torch
 import kernels
 from fastgpt import distributed
 from fastgpt.checkpoint import load_checkpoint, load_weights, save_checkpoint
-from fastgpt.config import ARCHITECTURE_FIELDS, TrainConfig, UserError, parse_train_args, run_main
-from fastgpt.data import Batches, load_corpus
+from fastgpt.checkpoint import require
+from fastgpt.config import ARCHITECTURE_FIELDS, TrainConfig, UserError, make_log, parse_train_args, run_main
+from fastgpt.data import Batches, default_prompt, load_corpus
 from fastgpt.distributed import World
 from fastgpt.model import build_model
 
@@ -76,11 +77,24 @@ def adopt_architecture(cfg: TrainConfig, given: set[str], saved: dict, source: s
 def resume_config(cfg: TrainConfig, given: set[str], ckpt: dict) -> TrainConfig:
     """The checkpoint's train config, with the flags given on this command line applied on top."""
     # a fine-tuned run started from init_from; resuming it starts from this checkpoint instead
-    saved = dataclasses.replace(TrainConfig(**ckpt["train_config"]), init_from="", extend_vocab=False)
+    try:
+        saved = dataclasses.replace(TrainConfig(**ckpt["train_config"]), init_from="", extend_vocab=False)
+    except TypeError as e:
+        raise UserError(f"the checkpoint's train config does not fit this fastgpt ({e}): resume with the "
+                        f"fastgpt that wrote it") from None
     merged = dataclasses.replace(saved, **{name: getattr(cfg, name) for name in given})
     merged = adopt_architecture(merged, given, ckpt["model_config"], "the checkpoint")
     merged.validate()
     return merged
+
+
+def kept_record(line: str, iter_num: int) -> bool:
+    """Whether a metrics.jsonl line belongs to the steps a resumed checkpoint holds (a line cut short by
+    a crash is dropped)."""
+    try:
+        return json.loads(line)["iter"] <= iter_num
+    except (ValueError, KeyError, TypeError):
+        return False
 
 
 def train_step(model, optimizer, batches: Batches, micro_steps: int, grad_clip: float,
@@ -112,9 +126,9 @@ def train_step(model, optimizer, batches: Batches, micro_steps: int, grad_clip: 
 class StopRequest:
     """Turns SIGINT/SIGTERM into a flag read at step boundaries; a second signal aborts at once."""
 
-    def __init__(self, announce: bool = True):
+    def __init__(self, log):
         self.signum: int | None = None
-        self.announce = announce  # only one process of a torchrun job says it
+        self.log = log
         self._previous = {}
 
     def __enter__(self):
@@ -130,17 +144,21 @@ class StopRequest:
         if self.signum is not None:
             raise KeyboardInterrupt
         self.signum = signum
-        if self.announce:
-            print(f"\n{signal.Signals(signum).name}: saving a checkpoint at the end of this step "
-                  f"(signal again to abort without saving)", flush=True)
+        self.log(f"\n{signal.Signals(signum).name}: saving a checkpoint at the end of this step "
+                 f"(signal again to abort without saving)")
 
 
 def main(argv: list[str]) -> int:
     cfg, given = parse_train_args(argv, torch.cuda.is_available())
     ckpt = None
+    ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
     if cfg.resume:
-        ckpt = load_checkpoint(Path(cfg.out_dir) / "ckpt.pt")
+        ckpt = require(load_checkpoint(ckpt_path), ckpt_path, "resume",
+                       ("model", "model_config", "vocab", "optimizer", "train_config", "rng", "iter_num"))
         cfg = resume_config(cfg, given, ckpt)
+    elif ckpt_path.exists() and not cfg.overwrite:
+        raise UserError(f"{ckpt_path} holds an earlier run: continue it with --resume, train into another "
+                        f"--out_dir, or pass --overwrite to replace it")
     world = distributed.init(cfg.device, resolve_device)
     try:
         return train(cfg, given, ckpt, world)
@@ -151,9 +169,12 @@ def main(argv: list[str]) -> int:
 def train(cfg: TrainConfig, given: set[str], ckpt: dict | None, world: World) -> int:
     # -------------------------------------------------------------------------------------------------
     # configuration
-    log = print if world.master else (lambda *args, **kwargs: None)
+    log = make_log(world.master)
     out_dir = Path(cfg.out_dir)
     ckpt_path = out_dir / "ckpt.pt"
+    if ckpt is not None and ckpt["rng"][0].get("device", "cpu") != world.device.type:
+        raise UserError(f"{ckpt_path} was written on {ckpt['rng'][0].get('device')} and this run is on "
+                        f"{world.device.type}: resume on the same kind of device (--device)")
     if ckpt is not None and len(ckpt["rng"]) != world.size:
         raise UserError(f"{ckpt_path} was written by {len(ckpt['rng'])} process(es) but this run has "
                         f"{world.size}: resume with torchrun --nproc-per-node={len(ckpt['rng'])} "
@@ -173,18 +194,18 @@ def train(cfg: TrainConfig, given: set[str], ckpt: dict | None, world: World) ->
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    init = load_checkpoint(cfg.init_from) if cfg.init_from else None
-    if init is not None:
+    init = None
+    if cfg.init_from:
+        init = require(load_checkpoint(cfg.init_from), cfg.init_from, "fine-tune from",
+                       ("model", "model_config", "vocab"))
         cfg = adopt_architecture(cfg, given, init["model_config"], cfg.init_from)
 
     # -------------------------------------------------------------------------------------------------
     # data and model
     start = ckpt or init
     corpus = load_corpus(cfg.data_file, cfg.data_dir, vocab=start["vocab"] if start else None,
-                         extend_vocab=cfg.extend_vocab and ckpt is None)
-    if ckpt is not None and ckpt["corpus_sha256"] != corpus.sha256:
-        raise UserError(f"{corpus.source} is not the corpus {ckpt_path} was trained on: resume with the "
-                        f"same --data_file")
+                         extend_vocab=cfg.extend_vocab and ckpt is None,
+                         expected_sha256=ckpt["corpus_sha256"] if ckpt else None)
     train_batches = Batches(corpus.train, cfg.block_size, cfg.batch_size, device,
                             world.seed(cfg.seed, 0), "train")
     # the val split is only evaluated: its batches come from eval_generator, not its own generator
@@ -231,8 +252,7 @@ def train(cfg: TrainConfig, given: set[str], ckpt: dict | None, world: World) ->
     metrics = None
     if world.master:
         if ckpt is not None and metrics_path.exists():  # drop records of steps the checkpoint did not keep
-            kept = [line for line in metrics_path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["iter"] <= iter_num]
+            kept = [line for line in metrics_path.read_text().splitlines() if kept_record(line, iter_num)]
             metrics_path.write_text("".join(line + "\n" for line in kept))
         elif ckpt is None:
             metrics_path.write_text("")
@@ -269,6 +289,7 @@ def train(cfg: TrainConfig, given: set[str], ckpt: dict | None, world: World) ->
             payload |= {
                 "optimizer": optimizer.state_dict(), "train_config": dataclasses.asdict(cfg),
                 "rng": world.gather({
+                    "device": device.type,
                     "torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                     "batches": train_batches.generator.get_state(),
@@ -292,7 +313,10 @@ def train(cfg: TrainConfig, given: set[str], ckpt: dict | None, world: World) ->
     model.train()
     last_log_iter, last_log_time = iter_num, time.perf_counter()
     start_iter = iter_num
-    with StopRequest(world.master) as stop:
+    if ckpt is not None and iter_num >= cfg.max_iters:
+        log(f"{ckpt_path} is at iter {iter_num}, already at or past --max_iters={cfg.max_iters}: "
+            f"nothing to train (raise --max_iters to continue)")
+    with StopRequest(log) as stop:
         while True:
             lr = get_lr(cfg, iter_num)
             for group in optimizer.param_groups:
@@ -344,14 +368,11 @@ def train(cfg: TrainConfig, given: set[str], ckpt: dict | None, world: World) ->
     log(f"best val loss {best_val:.4f}; checkpoints in {out_dir} (best.pt: best val, ckpt.pt: latest)")
     if cfg.sample_chars and world.master:
         tokenizer = corpus.tokenizer
-        prompt = "\n" if "\n" in tokenizer.vocab else tokenizer.vocab[0]
         generator = torch.Generator(device=device)
         generator.manual_seed(cfg.seed)
-        idx = torch.from_numpy(tokenizer.encode(prompt)).to(device)[None]  # (1, T)
-        raw_model.eval()
-        with autocast:
-            out = raw_model.generate(idx, cfg.sample_chars, temperature=0.8, generator=generator)
-        print("sample:\n" + tokenizer.decode(out[0, 1:].tolist()))
+        idx = torch.from_numpy(tokenizer.encode(default_prompt(tokenizer))).to(device)[None]  # (1, T)
+        out = raw_model.eval().generate(idx, cfg.sample_chars, temperature=0.8, generator=generator)
+        log("sample:\n" + tokenizer.decode(out[0, 1:].tolist()))
     return 0
 
 

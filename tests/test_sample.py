@@ -140,8 +140,8 @@ BAD_INPUT_MESSAGES = {
     "missing prompt_file": "nope.txt does not exist: pass an existing UTF-8 text file with --prompt_file",
     "empty prompt": "the prompt is empty",
     "missing checkpoint": "no checkpoint at",
-    "truncated checkpoint": "half.pt is not a readable fastgpt checkpoint, it may be truncated or foreign",
-    "text checkpoint": "text.pt is not a readable fastgpt checkpoint, it may be truncated or foreign",
+    "truncated checkpoint": "half.pt is not a readable fastgpt checkpoint (truncated, damaged or another kind of file)",
+    "text checkpoint": "text.pt is not a readable fastgpt checkpoint (truncated, damaged or another kind of file)",
     "plain dict checkpoint": "plain.pt is not a fastgpt checkpoint: use one written by python -m fastgpt.train",
 }
 
