@@ -162,6 +162,11 @@ def main(argv: list[str]) -> int:
     world = distributed.init(cfg.device, resolve_device)
     try:
         return train(cfg, given, ckpt, world)
+    except RuntimeError as e:
+        if "out of memory" in str(e) or "can't allocate memory" in str(e):
+            raise UserError("out of memory: lower --batch_size or --block_size, or train a smaller model "
+                            "(--n_layer, --n_embd)") from None
+        raise
     finally:
         distributed.shutdown()
 

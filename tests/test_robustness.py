@@ -158,3 +158,9 @@ def test_a_checkpoint_from_another_device_type_is_refused(trained):
         train.main([f"--out_dir={trained}", "--resume", "--device=cpu"])
     assert torch.equal(load_checkpoint(trained / "ckpt.pt")["model"]["lm_head.weight"],
                        ckpt["model"]["lm_head.weight"])
+
+
+def test_out_of_memory_is_a_user_error(small_corpus, tmp_path):
+    with pytest.raises(UserError, match="out of memory: lower --batch_size"):  # 8 TB of window offsets
+        train.main([f"--data_file={small_corpus}", f"--data_dir={tmp_path}", f"--out_dir={tmp_path / 'o'}",
+                    *TINY, "--batch_size=1000000000000", "--max_iters=1"])
