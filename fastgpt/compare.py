@@ -1,7 +1,7 @@
 """Train every model of the lecture's progression on the same budget and data, and compare them:
 `python -m fastgpt.compare [--preset NAME] [--key=value ...]`.
 
-Takes the trainer's flags (not --model or --resume) and trains bigram, attention, multihead,
+Takes the trainer's flags (not --model, --resume or --init_from) and trains bigram, attention, multihead,
 feedforward, blocks and gpt in turn, each into out_dir/<model>; then prints a markdown table
 (parameters, final train and val loss, training tokens/s, a 100-character sample) and writes it to
 out_dir/compare.md and out_dir/compare.json.
@@ -9,6 +9,7 @@ out_dir/compare.md and out_dir/compare.json.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ import torch
 
 from fastgpt import train
 from fastgpt.checkpoint import load_checkpoint, model_from_checkpoint
-from fastgpt.config import UserError, parse_train_args, run_main
+from fastgpt.config import PRESETS, TrainConfig, UserError, format_help, parse_train_args, run_main
 from fastgpt.data import default_prompt
 from fastgpt.model import MODELS
 
@@ -55,8 +56,12 @@ def markdown(rows: list[dict]) -> str:
 
 def main(argv: list[str]) -> int:
     if "--help" in argv or "-h" in argv:
-        print(__doc__)
-        return train.main(["--help"])
+        preset = "shakespeare_char" if torch.cuda.is_available() else "cpu"
+        print(__doc__.strip() + "\n")
+        defaults = dataclasses.replace(PRESETS[preset], out_dir=DEFAULT_OUT_DIR)
+        print(format_help(TrainConfig, "fastgpt.compare", defaults,
+                          f"  --preset NAME  one of {', '.join(PRESETS)}; defaults below are {preset}'s"))
+        return 0
     cfg, given = parse_train_args(argv, torch.cuda.is_available())
     if "model" in given or cfg.resume or cfg.init_from:
         raise UserError("compare trains every --model itself and starts fresh: drop --model, --resume "

@@ -124,3 +124,9 @@ def test_compare_trains_every_model_and_writes_the_table(small_corpus, tmp_path,
     assert "\n".join(table) in capsys.readouterr().out
     with pytest.raises(UserError, match="drop --model"):
         compare.main([f"--out_dir={out}", "--model=gpt"])
+
+
+def test_compare_help_lists_the_trainer_flags_with_its_own_defaults(capsys):
+    assert compare.main(["--help"]) == 0
+    text = capsys.readouterr().out
+    assert "python -m fastgpt.compare" in text and "'out-compare'" in text and "--max_iters" in text
