@@ -21,6 +21,7 @@ from fastgpt.checkpoint import load_checkpoint, model_from_checkpoint
 from fastgpt.config import PRESETS, TrainConfig, UserError, format_help, parse_train_args, run_main
 from fastgpt.data import default_prompt
 from fastgpt.model import MODELS
+from fastgpt.sample import complete
 
 DEFAULT_OUT_DIR = "out-compare"
 SAMPLE_CHARS = 100
@@ -34,13 +35,12 @@ def summarize(name: str, out_dir: Path, seed: int) -> dict:
     tokens_per_iter = steps[0]["tokens_per_sec"] * steps[0]["ms_per_iter"] / 1000 if steps else 0.0
     mean_ms = sum(r["ms_per_iter"] for r in steps) / len(steps) if steps else float("nan")
     model, tokenizer = model_from_checkpoint(load_checkpoint(out_dir / "ckpt.pt"), out_dir / "ckpt.pt")
-    generator = torch.Generator().manual_seed(seed)
-    out = model.generate(torch.from_numpy(tokenizer.encode(default_prompt(tokenizer)))[None], SAMPLE_CHARS,
-                         temperature=0.8, generator=generator)
+    prompt = default_prompt(tokenizer)
+    (text,) = complete(model, tokenizer, prompt, SAMPLE_CHARS, seed)
     return {"model": name, "parameters": model.get_num_params(), "iter": final_eval["iter"],
             "train_loss": final_eval["train_loss"], "val_loss": final_eval["val_loss"],
             "tokens_per_sec": tokens_per_iter / (mean_ms / 1000) if steps else None,
-            "sample": tokenizer.decode(out[0, 1:].tolist())}
+            "sample": text[len(prompt):]}
 
 
 def markdown(rows: list[dict]) -> str:

@@ -51,6 +51,10 @@ class World:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
+    def barrier(self) -> None:
+        if self.size > 1:
+            dist.barrier()
+
     def gather(self, obj: object) -> list:
         """Every rank's `obj`, in rank order, on every rank."""
         if self.size == 1:
@@ -60,7 +64,18 @@ class World:
         return out
 
 
-def init(device_flag: str, resolve_device) -> World:
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device={name} but CUDA is not available here: use --device=cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device={name} but this machine has {torch.cuda.device_count()} CUDA devices")
+    return device
+
+
+def init(device_flag: str) -> World:
     """Join the torchrun job if there is one; returns this process' place in it, with its device."""
     names = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")  # what torchrun sets
     present = [name for name in names if name in os.environ]

@@ -14,8 +14,9 @@ import torch
 import kernels
 from fastgpt.checkpoint import load_checkpoint, model_from_checkpoint
 from fastgpt.config import UserError, format_help, parse_flags, run_main
-from fastgpt.data import default_prompt, read_text_file
-from fastgpt.train import resolve_device
+from fastgpt.data import CharTokenizer, default_prompt, read_text_file
+from fastgpt.distributed import resolve_device
+from fastgpt.model import LanguageModel
 
 
 @dataclass
@@ -32,6 +33,24 @@ class SampleConfig:
     kv_cache: bool = True  # reuse keys and values of earlier positions
     device: str = "auto"  # auto (cuda if available), cpu, cuda, cuda:N
     reference: bool = False  # run every kernel as its PyTorch reference
+
+
+def complete(model: LanguageModel, tokenizer: CharTokenizer, prompt: str, max_new_tokens: int, seed: int, *,
+             num_samples: int = 1, temperature: float = 0.8, top_k: int | None = None,
+             use_cache: bool = True) -> list[str]:
+    """`num_samples` continuations of `prompt` (each returned with the prompt), sampled on the model's
+    device from a generator seeded with `seed`.
+
+    In fp32 whatever the device: generating a few characters is cheap, and in fp32 the cached and the
+    cache-free computation agree (bf16 rounds them differently and can flip a sampled character).
+    """
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    idx = torch.from_numpy(tokenizer.encode(prompt)).to(device)[None].repeat(num_samples, 1)  # (N, T)
+    out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator,
+                         use_cache=use_cache)
+    return [tokenizer.decode(row) for row in out.tolist()]
 
 
 def main(argv: list[str]) -> int:
@@ -61,20 +80,11 @@ def main(argv: list[str]) -> int:
         raise UserError(f"the prompt has characters the model's vocabulary lacks: "
                         f"{' '.join(repr(c) for c in unknown)}; remove or replace them")
 
-    device = resolve_device(cfg.device)
     kernels.set_backend("reference" if cfg.reference else "auto")
-    model.to(device)
-    generator = torch.Generator(device=device)
-    generator.manual_seed(cfg.seed)
-    idx = torch.from_numpy(tokenizer.encode(prompt)).to(device)[None].repeat(cfg.num_samples, 1)
-    # fp32 on every device: generating a few characters is cheap, and in fp32 the cached and the
-    # cache-free computation agree (bf16 rounds them differently and can flip a sampled character)
-    out = model.generate(idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None,
-                         generator=generator, use_cache=cfg.kv_cache)
-    for i, row in enumerate(out.tolist()):
-        if i:
-            print("---------------")
-        print(tokenizer.decode(row))
+    model.to(resolve_device(cfg.device))
+    texts = complete(model, tokenizer, prompt, cfg.max_new_tokens, cfg.seed, num_samples=cfg.num_samples,
+                     temperature=cfg.temperature, top_k=cfg.top_k or None, use_cache=cfg.kv_cache)
+    print("\n---------------\n".join(texts))
     return 0
 
 

@@ -20,12 +20,12 @@ import torch
 
 import kernels
 from fastgpt import distributed
-from fastgpt.checkpoint import load_checkpoint, load_weights, save_checkpoint
-from fastgpt.checkpoint import require
+from fastgpt.checkpoint import load_checkpoint, load_weights, require, save_checkpoint
 from fastgpt.config import ARCHITECTURE_FIELDS, TrainConfig, UserError, make_log, parse_train_args, run_main
 from fastgpt.data import Batches, default_prompt, load_corpus
 from fastgpt.distributed import World
 from fastgpt.model import build_model
+from fastgpt.sample import complete
 
 # dense bf16 tensor-core peaks in FLOP/s, matched against torch.cuda.get_device_name()
 PEAK_BF16_FLOPS = {
@@ -39,17 +39,6 @@ def peak_flops(device: torch.device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device={name} but CUDA is not available here: use --device=cpu")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise UserError(f"--device={name} but this machine has {torch.cuda.device_count()} CUDA devices")
-    return device
 
 
 def get_lr(cfg: TrainConfig, it: int) -> float:
@@ -156,12 +145,16 @@ def main(argv: list[str]) -> int:
         ckpt = require(load_checkpoint(ckpt_path), ckpt_path, "resume",
                        ("model", "model_config", "vocab", "optimizer", "train_config", "rng", "iter_num"))
         cfg = resume_config(cfg, given, ckpt)
-    elif ckpt_path.exists() and not cfg.overwrite:
-        raise UserError(f"{ckpt_path} holds an earlier run: continue it with --resume, train into another "
-                        f"--out_dir, or pass --overwrite to replace it")
-    world = distributed.init(cfg.device, resolve_device)
+    world = distributed.init(cfg.device)
     try:
-        return train(cfg, given, ckpt, world)
+        # checked after joining the job: rank 0 writes ckpt.pt only after a collective that every
+        # process reaches after this check, so no process can mistake rank 0's new file for an old run
+        if ckpt is None and ckpt_path.exists() and not cfg.overwrite:
+            raise UserError(f"{ckpt_path} holds an earlier run: continue it with --resume, train into "
+                            f"another --out_dir, or pass --overwrite to replace it")
+        code = train(cfg, given, ckpt, world)
+        world.barrier()  # every process is done before any of them tears the process group down
+        return code
     except RuntimeError as e:
         if "out of memory" in str(e) or "can't allocate memory" in str(e):
             raise UserError("out of memory: lower --batch_size or --block_size, or train a smaller model "
@@ -372,12 +365,9 @@ def train(cfg: TrainConfig, given: set[str], ckpt: dict | None, world: World) ->
     # summary
     log(f"best val loss {best_val:.4f}; checkpoints in {out_dir} (best.pt: best val, ckpt.pt: latest)")
     if cfg.sample_chars and world.master:
-        tokenizer = corpus.tokenizer
-        generator = torch.Generator(device=device)
-        generator.manual_seed(cfg.seed)
-        idx = torch.from_numpy(tokenizer.encode(default_prompt(tokenizer))).to(device)[None]  # (1, T)
-        out = raw_model.eval().generate(idx, cfg.sample_chars, temperature=0.8, generator=generator)
-        log("sample:\n" + tokenizer.decode(out[0, 1:].tolist()))
+        prompt = default_prompt(corpus.tokenizer)
+        (text,) = complete(raw_model.eval(), corpus.tokenizer, prompt, cfg.sample_chars, cfg.seed)
+        log("sample:\n" + text[len(prompt):])
     return 0
 
 
