@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -54,3 +55,40 @@ def run_module(module: str, *args: str, cwd: Path | None = None, timeout: float 
 def cli():
     """`cli("fastgpt.train", "--max_iters=1", ...)` runs a module as a subprocess."""
     return run_module
+
+
+def aot_table(rows: list[dict]) -> str:
+    """Registers, spills and shared memory of AOT-compiled kernels, one line per kernel, config and arch."""
+    lines = []
+    for r in rows:
+        tags = " ".join(f"{k}={v}" for k, v in r.items()
+                        if k not in ("module", "kernel", "arch", "shared", "shared_limit", "regs", "spills",
+                                     "error"))
+        result = r.get("error") or f"regs={r['regs']:3d} spills={r['spills']} shared={r['shared']:6d}"
+        lines.append(f"sm_{r['arch']} {r['kernel']:<30} {result}  {tags}")
+    return "\n".join(lines)
+
+
+@pytest.fixture(scope="session")
+def aot_compile():
+    """`aot_compile("kernels.layernorm")`: every configuration in the module's `aot_specs()` compiled
+    for sm_90 and sm_80 without a GPU (tests/aot.py, in a subprocess), one dict per kernel and arch."""
+    done: dict[str, list[dict]] = {}
+
+    def compile_module(module: str) -> list[dict]:
+        if module not in done:
+            env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+            proc = subprocess.run([sys.executable, str(ROOT / "tests" / "aot.py"), module], cwd=ROOT,
+                                  env=env, capture_output=True, text=True, timeout=1200)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            done[module] = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+            report = aot_table(done[module])
+            print(f"\nAOT compilation of {module} (pytest -s shows this report):\n{report}")
+            if os.environ.get("FASTGPT_AOT_REPORT"):
+                out = Path(os.environ["FASTGPT_AOT_REPORT"]) / f"aot-{module}.txt"
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(report + "\n")
+        return done[module]
+
+    return compile_module
+

@@ -1,0 +1,79 @@
+"""Ahead-of-time compilation of a kernel module's Triton kernels for NVIDIA GPUs, with no GPU present.
+
+    python tests/aot.py kernels.layernorm [kernels.mlp ...]   ->  one JSON object per line
+
+Each kernel module lists, in `aot_specs()`, every configuration its launchers or autotuners may pick:
+dicts with `fn` (the @triton.jit kernel), `signature` (argument name -> Triton type, "constexpr" for
+compile-time arguments), `constexprs`, `num_warps`, `num_stages` and free-form `tags` (n_embd, dtype,
+...). Every spec is compiled for sm_90 (H100) and sm_80 (A100) and reported with its shared memory and
+the registers, stack and local memory (spills) that `cuobjdump --dump-resource-usage` reads off the
+cubin. It runs as a subprocess because the Triton interpreter, which the tests switch on when there is
+no GPU, replaces the kernels with objects that cannot be compiled.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ARCHS = (90, 80)
+# Shared memory one block may use (opt-in maximum), bytes: sm_90 228 KiB - 1 KiB, sm_80 164 KiB - 1 KiB.
+SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
+
+
+def resource_usage(cubin: bytes) -> dict:
+    """REG / STACK / LOCAL / SHARED of the one kernel in `cubin`, as cuobjdump reports them."""
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True,
+                             text=True, check=True).stdout
+    found = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", out))
+    return {key.lower(): int(value) for key, value in found.items()}
+
+
+def compile_spec(spec: dict, arch: int) -> dict:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    source = ASTSource(fn=spec["fn"], signature=spec["signature"], constexprs=spec["constexprs"])
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]})
+    usage = resource_usage(compiled.asm["cubin"])
+    return {
+        "kernel": spec["fn"].__name__, "arch": arch, **spec["tags"],
+        "num_warps": spec["num_warps"], "num_stages": spec["num_stages"],
+        "constexprs": {k: v for k, v in spec["constexprs"].items() if not isinstance(v, bool) or v},
+        "shared": compiled.metadata.shared, "shared_limit": SHARED_LIMIT[arch],
+        "regs": usage.get("reg", 0), "spills": usage.get("stack", 0) + usage.get("local", 0),
+    }
+
+
+def main(modules: list[str]) -> None:
+    os.environ.pop("TRITON_INTERPRET", None)
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns when it is unset
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    for name in modules:
+        for spec in importlib.import_module(name).aot_specs():
+            for arch in ARCHS:
+                try:
+                    row = compile_spec(spec, arch)
+                except Exception as error:  # report every failure, keep compiling the rest
+                    row = {"kernel": spec["fn"].__name__, "arch": arch, **spec["tags"],
+                           "constexprs": spec["constexprs"], "num_warps": spec["num_warps"],
+                           "error": f"{type(error).__name__}: {error}".splitlines()[0][:300]}
+                print(json.dumps({"module": name, **row}), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
