@@ -10,13 +10,40 @@ the key sequence (the causal mask is aligned bottom-right), which is what KV-cac
 
 The reference is `torch.nn.functional.scaled_dot_product_attention` (its fused causal path when the
 mask is plain causal, an explicit boolean mask otherwise); it is the fallback, the test oracle and the
-benchmark baseline. The Triton flash-attention kernel plugs in through `kernels.backend.select`.
+benchmark baseline.
+
+The Triton kernels are FlashAttention-2 (Dao 2023; Triton tutorial 06-fused-attention): a program owns
+a tile of BLOCK_M queries and streams tiles of BLOCK_N keys/values past it with an online softmax in
+fp32 (exp2, scores pre-multiplied by log2(e) / sqrt(D)), so the T x T score matrix never exists; it saves
+the per-row log-sum-exp (fp32, natural log) for the backward. Each program visits only the key tiles
+that intersect its rows' allowed band [i' - W + 1, i']: tiles entirely above the diagonal or left of the
+window are never loaded, so the cost is O(T^2) causal and O(T W) windowed. The tiles the band covers
+completely run without any mask; only the tiles it cuts (the diagonal, the window's left edge, the
+ragged last tile) are masked. The backward recomputes the probabilities from the LSE:
+`delta = rowsum(dO * O)` in a preprocess kernel, then one kernel per key tile for dK, dV (looping over
+query tiles) and one per query tile for dQ (looping over key tiles): every output element is written
+by one program, no atomics, so results are bit-identical run to run.
+
+Dropout is counter-based: the keep decision of entry (b, h, i, j) is `uniform(key, i * Tk + j) >= p`
+(Philox, `tl.rand`) with the key made of a seed tensor drawn from torch's generator and b * H + h, so
+the backward regenerates the forward's mask and no mask is stored. `_dropout_keep_mask` materialises
+it for tests.
+
+Limitations of the Triton path: head_dim in {16, 32, 64, 128}; float16, bfloat16 or float32 (float32
+products at full "ieee" precision, not TF32); CUDA tensors (or the Triton interpreter); q, k, v may be
+any strided views (the fused qkv projection's) as long as the head dimension has unit stride, else they
+are copied.
 """
 
 from __future__ import annotations
 
+import math
+import os
+
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 from kernels.backend import select
 
@@ -45,6 +72,654 @@ def causal_attention_reference(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
 
+# ---------------------------------------------------------------------------------------------------
+# Triton kernels
+#
+# Notation: a program of the forward / dQ kernels owns query rows [start_m, start_m + BLOCK_M) of one
+# (batch, head); row i sits at key position i' = i + Tk - Tq and may see keys (i' - W, i'], W = window
+# (W = Tk when there is no window). Its rows' bands together span keys [lo, hi):
+#     lo = max(0, first_row' - W + 1),  hi = last_row' + 1,
+# and a key tile [n, n + BLOCK_N) is inside every row's band iff  n + BLOCK_N - 1 <= first_row'  and
+# n > last_row' - W. The loop over key tiles is split at those bounds into masked | unmasked | masked
+# segments. The dK/dV kernel does the same with the roles of rows and keys exchanged.
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _dropout_keep(seed, rows, cols, Tk, dropout_p):
+    """Keep (True) or drop each probability at (rows, cols) of one (batch, head); `seed` already holds
+    the (batch, head) in its high 32 bits. Offsets are int32: the launcher checks Tq * Tk < 2**31."""
+    return tl.rand(seed, rows * Tk + cols) >= dropout_p
+
+
+@triton.jit
+def _segments(lo, hi, full_lo, full_hi, BLOCK: tl.constexpr):
+    """Split the tiles covering [lo, hi) into [start, a) masked, [a, b) unmasked, [b, hi) masked, where
+    [full_lo, full_hi) (multiples of BLOCK) is the span of tiles that need no mask."""
+    start = lo // BLOCK * BLOCK
+    a = tl.minimum(tl.maximum(full_lo, start), hi)
+    b = tl.minimum(tl.maximum(full_hi, a), hi)
+    return start, a, b
+
+
+@triton.jit
+def _attention_fwd_tiles(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, offs_m, pos, seed, start, end,
+                         Tk, window, qk_scale, dropout_p,
+                         HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+                         DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
+    """Fold key tiles [start, end) into the running softmax state (acc, l_i, m_i) of the rows in q."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        col_ok = offs_n < Tk
+        if MASKED:
+            kt = tl.load(K + offs_n[None, :] * stride_kt + offs_d[:, None], mask=col_ok[None, :], other=0.0)
+        else:
+            kt = tl.load(K + offs_n[None, :] * stride_kt + offs_d[:, None])  # (D, BLOCK_N)
+        s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+        if MASKED:
+            allowed = (offs_n[None, :] <= pos[:, None]) & (offs_n[None, :] > pos[:, None] - window)
+            s = tl.where(allowed & col_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if MASKED:
+            # a row may have seen no allowed key yet (window edge): exponentiate against 0 instead of
+            # -inf so that its alpha and p are 0, not NaN; m_i itself stays -inf
+            m_exp = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_exp = m_new
+        alpha = tl.math.exp2(m_i - m_exp)
+        p = tl.math.exp2(s - m_exp[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)  # the normaliser counts every probability, kept or dropped
+        if DROPOUT:
+            p = tl.where(_dropout_keep(seed, offs_m[:, None], offs_n[None, :], Tk, dropout_p), p, 0.0)
+        if MASKED:
+            v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        else:
+            v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :])  # (BLOCK_N, D)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attention_fwd_kernel(
+    Q,  # (B, H, Tq, D), strided, unit stride along D
+    K, V,  # (B, H, Tk, D), strided, unit stride along D
+    Out,  # (B, H, Tq, D), strided, unit stride along D
+    Lse,  # (B, H, Tq) fp32, contiguous: log-sum-exp of each row's scaled scores (natural log)
+    Seed,  # (1,) int64: dropout seed, read only with DROPOUT
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_ob, stride_oh, stride_ot,
+    H, Tq, Tk, window,
+    qk_scale,  # log2(e) / sqrt(D)
+    dropout_p,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # the last query tiles see the most keys: launch them first so the short ones fill the tail
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    Q += b * stride_qb + h * stride_qh
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+    Out += b * stride_ob + h * stride_oh
+    Lse += bh.to(tl.int64) * Tq
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(Seed) + (bh.to(tl.int64) << 32)
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < Tq
+    q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+
+    shift = Tk - Tq
+    pos = offs_m + shift
+    first = start_m + shift
+    last = tl.minimum(start_m + BLOCK_M, Tq) - 1 + shift
+    lo = tl.maximum(first - window + 1, 0)
+    hi = last + 1
+    full_lo = tl.cdiv(tl.maximum(last - window + 1, 0), BLOCK_N) * BLOCK_N
+    full_hi = (first + 1) // BLOCK_N * BLOCK_N
+    start, a, b_ = _segments(lo, hi, full_lo, full_hi, BLOCK_N)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    acc, l_i, m_i = _attention_fwd_tiles(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, offs_m, pos, seed,
+                                         start, a, Tk, window, qk_scale, dropout_p,
+                                         HEAD_DIM, BLOCK_N, True, DROPOUT, PRECISION)
+    acc, l_i, m_i = _attention_fwd_tiles(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, offs_m, pos, seed,
+                                         a, b_, Tk, window, qk_scale, dropout_p,
+                                         HEAD_DIM, BLOCK_N, False, DROPOUT, PRECISION)
+    acc, l_i, m_i = _attention_fwd_tiles(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, offs_m, pos, seed,
+                                         b_, hi, Tk, window, qk_scale, dropout_p,
+                                         HEAD_DIM, BLOCK_N, True, DROPOUT, PRECISION)
+    l_i = tl.where(row_ok, l_i, 1.0)  # rows past Tq may have seen no key: keep their (unstored) maths finite
+    out = acc / l_i[:, None]
+    if DROPOUT:
+        out = out * (1.0 / (1.0 - dropout_p))
+    tl.store(Out + offs_m[:, None] * stride_ot + offs_d[None, :], out.to(Out.dtype.element_ty),
+             mask=row_ok[:, None])
+    tl.store(Lse + offs_m, (m_i + tl.math.log2(l_i)) * LN2, mask=row_ok)
+
+
+@triton.jit
+def _attention_bwd_preprocess_kernel(
+    Out, DO,  # (B, H, Tq, D), strided, unit stride along D
+    Delta,  # (B, H, Tq) fp32, contiguous: rowsum(dO * O)
+    stride_ob, stride_oh, stride_ot,
+    stride_dob, stride_doh, stride_dot,
+    H, Tq,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m[:, None] < Tq
+    o = tl.load(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
+                mask=row_ok, other=0.0).to(tl.float32)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
+                 mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(Delta + bh.to(tl.int64) * Tq + offs_m, tl.sum(o * do, 1), mask=offs_m < Tq)
+
+
+# The backward, with Z = keep / (1 - p) the dropout multiplier (Z = 1 without dropout), scale = 1/sqrt(D):
+#     S = scale Q K^T,  P = exp(S - lse),  O = (P * Z) V
+#     dV = (P * Z)^T dO
+#     dP = (dO V^T) * Z
+#     dS = P * (dP - delta),  delta_i = sum_j P_ij dP_ij = sum_j (P * Z)_ij (dO V^T)_ij = rowsum(dO * O)_i
+#     dQ = scale dS K,  dK = scale dS^T Q
+# The dK/dV kernel works on transposed tiles (keys along rows), so that its accumulators are row tiles.
+
+
+@triton.jit
+def _attention_bwd_dkdv_tiles(dk, dv, k, v, Q, DO, Lse, Delta, stride_qt, stride_dot, offs_n, seed,
+                              start, end, Tq, Tk, window, qk_scale, dropout_p,
+                              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
+                              DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
+    """Accumulate the dK, dV contributions of query tiles [start, end) to the key tile (k, v)."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_m in range(start, end, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < Tq
+        if MASKED:
+            qt = tl.load(Q + offs_m[None, :] * stride_qt + offs_d[:, None], mask=row_ok[None, :], other=0.0)
+            do = tl.load(DO + offs_m[:, None] * stride_dot + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+            lse = tl.load(Lse + offs_m, mask=row_ok, other=0.0)
+            delta = tl.load(Delta + offs_m, mask=row_ok, other=0.0)
+        else:
+            qt = tl.load(Q + offs_m[None, :] * stride_qt + offs_d[:, None])  # (D, BLOCK_M)
+            do = tl.load(DO + offs_m[:, None] * stride_dot + offs_d[None, :])  # (BLOCK_M, D)
+            lse = tl.load(Lse + offs_m)
+            delta = tl.load(Delta + offs_m)
+        st = tl.dot(k, qt, input_precision=PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M), log2 units
+        pt = tl.math.exp2(st - lse[None, :] * LOG2E)
+        if MASKED:
+            pos = offs_m + (Tk - Tq)
+            allowed = (offs_n[:, None] <= pos[None, :]) & (offs_n[:, None] > pos[None, :] - window)
+            pt = tl.where(allowed & row_ok[None, :], pt, 0.0)
+        dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (BLOCK_N, BLOCK_M): (dO V^T)^T
+        if DROPOUT:
+            keep = _dropout_keep(seed, offs_m[None, :], offs_n[:, None], Tk, dropout_p)
+            rescale = 1.0 / (1.0 - dropout_p)
+            pzt = tl.where(keep, pt * rescale, 0.0)
+            dpt = tl.where(keep, dpt * rescale, 0.0)
+        else:
+            pzt = pt
+        dv = tl.dot(pzt.to(do.dtype), do, dv, input_precision=PRECISION)
+        dst = pt * (dpt - delta[None, :])
+        dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _attention_bwd_dkdv_kernel(
+    Q, DO,  # (B, H, Tq, D), strided, unit stride along D
+    K, V,  # (B, H, Tk, D), strided, unit stride along D
+    Lse, Delta,  # (B, H, Tq) fp32, contiguous
+    DK, DV,  # (B, H, Tk, D), strided, unit stride along D
+    Seed,  # (1,) int64: dropout seed, read only with DROPOUT
+    stride_qb, stride_qh, stride_qt,
+    stride_dob, stride_doh, stride_dot,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_dkb, stride_dkh, stride_dkt,
+    stride_dvb, stride_dvh, stride_dvt,
+    H, Tq, Tk, window,
+    qk_scale,  # log2(e) / sqrt(D)
+    sm_scale,  # 1 / sqrt(D)
+    dropout_p,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+):
+    start_n = tl.program_id(0) * BLOCK_N
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    Q += b * stride_qb + h * stride_qh
+    DO += b * stride_dob + h * stride_doh
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+    DK += b * stride_dkb + h * stride_dkh
+    DV += b * stride_dvb + h * stride_dvh
+    Lse += bh.to(tl.int64) * Tq
+    Delta += bh.to(tl.int64) * Tq
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(Seed) + (bh.to(tl.int64) << 32)
+
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    col_ok = offs_n[:, None] < Tk
+    k = tl.load(K + offs_n[:, None] * stride_kt + offs_d[None, :], mask=col_ok, other=0.0)
+    v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :], mask=col_ok, other=0.0)
+
+    # query rows whose band meets keys [start_n, last]: row' >= start_n and row' - W < last; the tiles
+    # of rows with row' >= last (causal) and row' + BLOCK_M - 1 < start_n + W (window), all < Tq, are
+    # inside every band. Keys past Tk need no mask: their rows of dK, dV are not stored.
+    shift = Tk - Tq
+    last = tl.minimum(start_n + BLOCK_N, Tk) - 1
+    lo = tl.maximum(start_n - shift, 0)
+    hi = tl.minimum(last + window - shift, Tq)
+    full_lo = tl.cdiv(tl.maximum(last - shift, 0), BLOCK_M) * BLOCK_M
+    full_hi = tl.minimum(tl.maximum(start_n - shift + window, 0) // BLOCK_M, Tq // BLOCK_M) * BLOCK_M
+    start, a, b_ = _segments(lo, hi, full_lo, full_hi, BLOCK_M)
+
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dk, dv = _attention_bwd_dkdv_tiles(dk, dv, k, v, Q, DO, Lse, Delta, stride_qt, stride_dot, offs_n, seed,
+                                       start, a, Tq, Tk, window, qk_scale, dropout_p,
+                                       HEAD_DIM, BLOCK_M, True, DROPOUT, PRECISION)
+    dk, dv = _attention_bwd_dkdv_tiles(dk, dv, k, v, Q, DO, Lse, Delta, stride_qt, stride_dot, offs_n, seed,
+                                       a, b_, Tq, Tk, window, qk_scale, dropout_p,
+                                       HEAD_DIM, BLOCK_M, False, DROPOUT, PRECISION)
+    dk, dv = _attention_bwd_dkdv_tiles(dk, dv, k, v, Q, DO, Lse, Delta, stride_qt, stride_dot, offs_n, seed,
+                                       b_, hi, Tq, Tk, window, qk_scale, dropout_p,
+                                       HEAD_DIM, BLOCK_M, True, DROPOUT, PRECISION)
+    tl.store(DK + offs_n[:, None] * stride_dkt + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
+             mask=col_ok)
+    tl.store(DV + offs_n[:, None] * stride_dvt + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=col_ok)
+
+
+@triton.jit
+def _attention_bwd_dq_tiles(dq, q, do, lse, delta, K, V, stride_kt, stride_vt, offs_m, pos, seed,
+                            start, end, Tk, window, qk_scale, dropout_p,
+                            HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+                            DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
+    """Accumulate the dQ contributions of key tiles [start, end) to the query tile q."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        col_ok = offs_n < Tk
+        if MASKED:
+            kt = tl.load(K + offs_n[None, :] * stride_kt + offs_d[:, None], mask=col_ok[None, :], other=0.0)
+            vt = tl.load(V + offs_n[None, :] * stride_vt + offs_d[:, None], mask=col_ok[None, :], other=0.0)
+        else:
+            kt = tl.load(K + offs_n[None, :] * stride_kt + offs_d[:, None])  # (D, BLOCK_N)
+            vt = tl.load(V + offs_n[None, :] * stride_vt + offs_d[:, None])  # (D, BLOCK_N)
+        s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+        p = tl.math.exp2(s - lse[:, None])
+        if MASKED:
+            allowed = (offs_n[None, :] <= pos[:, None]) & (offs_n[None, :] > pos[:, None] - window)
+            p = tl.where(allowed & col_ok[None, :], p, 0.0)
+        dp = tl.dot(do, vt, input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
+        if DROPOUT:
+            keep = _dropout_keep(seed, offs_m[:, None], offs_n[None, :], Tk, dropout_p)
+            dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=PRECISION)
+    return dq
+
+
+@triton.jit
+def _attention_bwd_dq_kernel(
+    Q, DO,  # (B, H, Tq, D), strided, unit stride along D
+    K, V,  # (B, H, Tk, D), strided, unit stride along D
+    Lse, Delta,  # (B, H, Tq) fp32, contiguous
+    DQ,  # (B, H, Tq, D), strided, unit stride along D
+    Seed,  # (1,) int64: dropout seed, read only with DROPOUT
+    stride_qb, stride_qh, stride_qt,
+    stride_dob, stride_doh, stride_dot,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_dqb, stride_dqh, stride_dqt,
+    H, Tq, Tk, window,
+    qk_scale,  # log2(e) / sqrt(D)
+    sm_scale,  # 1 / sqrt(D)
+    dropout_p,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+):
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    Q += b * stride_qb + h * stride_qh
+    DO += b * stride_dob + h * stride_doh
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+    DQ += b * stride_dqb + h * stride_dqh
+    Lse += bh.to(tl.int64) * Tq
+    Delta += bh.to(tl.int64) * Tq
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(Seed) + (bh.to(tl.int64) << 32)
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < Tq
+    q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + offs_m[:, None] * stride_dot + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    lse = tl.load(Lse + offs_m, mask=row_ok, other=0.0) * LOG2E
+    delta = tl.load(Delta + offs_m, mask=row_ok, other=0.0)
+
+    shift = Tk - Tq  # the forward's key-tile bounds, see the note above _dropout_keep
+    pos = offs_m + shift
+    first = start_m + shift
+    last = tl.minimum(start_m + BLOCK_M, Tq) - 1 + shift
+    lo = tl.maximum(first - window + 1, 0)
+    hi = last + 1
+    full_lo = tl.cdiv(tl.maximum(last - window + 1, 0), BLOCK_N) * BLOCK_N
+    full_hi = (first + 1) // BLOCK_N * BLOCK_N
+    start, a, b_ = _segments(lo, hi, full_lo, full_hi, BLOCK_N)
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    dq = _attention_bwd_dq_tiles(dq, q, do, lse, delta, K, V, stride_kt, stride_vt, offs_m, pos, seed,
+                                 start, a, Tk, window, qk_scale, dropout_p,
+                                 HEAD_DIM, BLOCK_N, True, DROPOUT, PRECISION)
+    dq = _attention_bwd_dq_tiles(dq, q, do, lse, delta, K, V, stride_kt, stride_vt, offs_m, pos, seed,
+                                 a, b_, Tk, window, qk_scale, dropout_p,
+                                 HEAD_DIM, BLOCK_N, False, DROPOUT, PRECISION)
+    dq = _attention_bwd_dq_tiles(dq, q, do, lse, delta, K, V, stride_kt, stride_vt, offs_m, pos, seed,
+                                 b_, hi, Tk, window, qk_scale, dropout_p,
+                                 HEAD_DIM, BLOCK_N, True, DROPOUT, PRECISION)
+    tl.store(DQ + offs_m[:, None] * stride_dqt + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
+             mask=row_ok[:, None])
+
+
+@triton.jit
+def _attention_dropout_mask_kernel(
+    Seed,  # (1,) int64
+    Mask,  # (B * H, Tq, Tk) int8, contiguous: 1 where the kernels keep the probability
+    Tq, Tk, dropout_p,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    bh = tl.program_id(2)
+    seed = tl.load(Seed) + (bh.to(tl.int64) << 32)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    keep = _dropout_keep(seed, offs_m[:, None], offs_n[None, :], Tk, dropout_p)
+    tl.store(Mask + bh.to(tl.int64) * Tq * Tk + offs_m[:, None] * Tk + offs_n[None, :], keep.to(tl.int8),
+             mask=(offs_m[:, None] < Tq) & (offs_n[None, :] < Tk))
+
+
+# ---------------------------------------------------------------------------------------------------
+# launchers
+
+_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+HEAD_DIMS = (16, 32, 64, 128)
+DECODE_ROWS = 16  # Tq up to this (KV-cached generation) runs the forward with 16-row query tiles
+# @triton.jit reads TRITON_INTERPRET when it decorates a kernel: the kernels above run on CPU tensors iff set
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _tiles(head_dim: int, dtype: torch.dtype, tq: int) -> dict[str, tuple[int, int, int, int]]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of each kernel for this head_dim, dtype and query length.
+
+    16-bit: 128 x 64 forward tiles (FA2's; the query tile, its fp32 accumulator and one K/V tile stay on
+    chip), 16-row query tiles for decoding; the backward kernels keep two fp32 accumulators of their
+    tile, so they take 64-row tiles and stream 32..64-row tiles past them. head_dim 128 doubles the
+    warps rather than halving the tiles. fp32 inputs halve the tiles (twice the bytes, no tensor-core
+    shortcut). Every combination is compiled for sm_90 and sm_80 by `aot_specs` (tests/aot.py).
+    """
+    warps = 8 if head_dim == 128 else 4
+    if dtype == torch.float32:
+        fwd = (16 if tq <= DECODE_ROWS else 64, 32, warps, 2)
+        return {"fwd": fwd, "preprocess": (64, 0, 4, 1), "dkdv": (32, 32, warps, 2), "dq": (32, 32, warps, 2)}
+    fwd = (16 if tq <= DECODE_ROWS else 128, 64, warps, 3)
+    return {"fwd": fwd, "preprocess": (64, 0, 4, 1), "dkdv": (32, 64, warps, 3), "dq": (64, 32, warps, 3)}
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision: fp32 inputs get true fp32 products (TF32 would cost ~1e-3 relative)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> None:
+    """What the Triton path needs beyond the public entry's shape checks."""
+    for label, t in (("q", q), ("k", k), ("v", v)):
+        if t.dtype not in _DTYPES:
+            raise ValueError(f"causal_attention: the Triton kernel takes float16, bfloat16 or float32, got "
+                             f"{label} in {t.dtype}; use kernels.set_backend('reference') for other dtypes")
+        if t.dtype != q.dtype:
+            raise ValueError(f"causal_attention: q, k and v must share a dtype, got q in {q.dtype} and "
+                             f"{label} in {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"causal_attention: q, k and v must be on one device, got q on {q.device} and "
+                             f"{label} on {t.device}")
+    if q.device.type != "cuda" and not _INTERPRETED:
+        raise ValueError(f"causal_attention: the Triton kernel runs on CUDA tensors (or under "
+                         f"TRITON_INTERPRET=1), got tensors on {q.device}; use kernels.set_backend('auto')")
+    if q.size(-1) not in HEAD_DIMS:
+        raise ValueError(f"causal_attention: the Triton kernel supports head_dim in "
+                         f"{', '.join(map(str, HEAD_DIMS))}, got {q.size(-1)}; choose n_embd / n_head "
+                         f"accordingly or use kernels.set_backend('reference')")
+    if dropout_p > 0 and q.size(-2) * k.size(-2) >= 2**31:
+        raise ValueError(f"causal_attention: dropout in the Triton kernel needs Tq * Tk < 2**31, got "
+                         f"{q.size(-2)} x {k.size(-2)}")
+
+
+def _unit_stride(t: torch.Tensor) -> torch.Tensor:
+    """`t` itself when its last dimension has unit stride (any other strides are passed to the kernels),
+    else a contiguous copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _empty_bthd(like: torch.Tensor, t: int) -> torch.Tensor:
+    """An empty (B, H, t, D) tensor laid out as (B, t, H, D): the model's `y.transpose(1, 2)` back to
+    (B, T, C) is then contiguous already, and so are the gradients flowing into the qkv projection."""
+    b, h, _, d = like.shape
+    return like.new_empty((b, t, h, d)).transpose(1, 2)
+
+
+def _window(window: int | None, tk: int) -> int:
+    """The kernels' W: a window of at least Tk keys, or none, is plain causal attention."""
+    return tk if window is None else min(window, tk)
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _seed_arg(seed: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """The Seed pointer: the seed, or (without dropout, where the kernels never read it) an empty int64."""
+    return seed if seed is not None else like.new_empty(1, dtype=torch.int64)
+
+
+def _forward(q, k, v, seed, dropout_p, window):
+    """Launch the forward; returns out (B, H, Tq, D) and lse (B, H, Tq) fp32."""
+    q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
+    b, h, tq, d = q.shape
+    tk = k.size(2)
+    out = _empty_bthd(q, tq)
+    lse = q.new_empty((b, h, tq), dtype=torch.float32)
+    if out.numel() == 0:
+        return out, lse
+    block_m, block_n, num_warps, num_stages = _tiles(d, q.dtype, tq)["fwd"]
+    _attention_fwd_kernel[(triton.cdiv(tq, block_m), b * h)](
+        q, k, v, out, lse, _seed_arg(seed, q),
+        *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+        h, tq, tk, _window(window, tk), LOG2E / math.sqrt(d), dropout_p,
+        HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, DROPOUT=dropout_p > 0, PRECISION=_precision(q.dtype),
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out, lse
+
+
+def _backward(dout, q, k, v, out, lse, seed, dropout_p, window):
+    """Launch the backward; returns dq, dk, dv."""
+    dout, q, k, v = _unit_stride(dout), _unit_stride(q), _unit_stride(k), _unit_stride(v)
+    b, h, tq, d = q.shape
+    tk = k.size(2)
+    dq, dk, dv = _empty_bthd(q, tq), _empty_bthd(k, tk), _empty_bthd(v, tk)
+    if b * h * tq == 0:
+        return dq, dk.zero_(), dv.zero_()
+    tiles = _tiles(d, q.dtype, tq)
+    delta = torch.empty_like(lse)
+    block_m, _, num_warps, num_stages = tiles["preprocess"]
+    _attention_bwd_preprocess_kernel[(triton.cdiv(tq, block_m), b * h)](
+        out, dout, delta, *_strides(out), *_strides(dout), h, tq,
+        HEAD_DIM=d, BLOCK_M=block_m, num_warps=num_warps, num_stages=num_stages,
+    )
+    common = dict(HEAD_DIM=d, DROPOUT=dropout_p > 0, PRECISION=_precision(q.dtype))
+    scalars = (h, tq, tk, _window(window, tk), LOG2E / math.sqrt(d), 1.0 / math.sqrt(d), dropout_p)
+    seed = _seed_arg(seed, q)
+    block_m, block_n, num_warps, num_stages = tiles["dkdv"]
+    _attention_bwd_dkdv_kernel[(triton.cdiv(tk, block_n), b * h)](
+        q, dout, k, v, lse, delta, dk, dv, seed,
+        *_strides(q), *_strides(dout), *_strides(k), *_strides(v), *_strides(dk), *_strides(dv), *scalars,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, **common,
+    )
+    block_m, block_n, num_warps, num_stages = tiles["dq"]
+    _attention_bwd_dq_kernel[(triton.cdiv(tq, block_m), b * h)](
+        q, dout, k, v, lse, delta, dq, seed,
+        *_strides(q), *_strides(dout), *_strides(k), *_strides(v), *_strides(dq), *scalars,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, **common,
+    )
+    return dq, dk, dv
+
+
+def _dropout_keep_mask(seed: torch.Tensor, b: int, h: int, tq: int, tk: int, dropout_p: float) -> torch.Tensor:
+    """(B, H, Tq, Tk) boolean: the keep-mask the kernels draw from `seed` (for tests and debugging)."""
+    mask = seed.new_empty((b * h, tq, tk), dtype=torch.int8)
+    _attention_dropout_mask_kernel[(triton.cdiv(tq, 32), triton.cdiv(tk, 32), b * h)](
+        seed, mask, tq, tk, dropout_p, BLOCK_M=32, BLOCK_N=32)
+    return mask.view(b, h, tq, tk).bool()
+
+
+def aot_specs():
+    """Every configuration the launchers may compile: head_dim 16..128 x fp16/bf16/fp32, with and
+    without dropout, the forward for training (Tq > 16) and decoding (Tq <= 16) tiles."""
+    def strides(*names):
+        return {f"stride_{n}{axis}": "i32" for n in names for axis in ("b", "h", "t")}
+
+    for d in HEAD_DIMS:
+        for dtype, name in _DTYPES.items():
+            ptr = f"*{name}"
+            for regime, tq in (("train", 256), ("decode", 1)):
+                tiles = _tiles(d, dtype, tq)
+                for dropout in (False, True):
+                    tags = {"head_dim": d, "dtype": name, "dropout": dropout}
+                    if regime == "decode":
+                        if dropout:
+                            continue  # a decoding step runs in eval mode; (training at Tq <= 16 would too)
+                    block_m, block_n, num_warps, num_stages = tiles["fwd"]
+                    yield {
+                        "fn": _attention_fwd_kernel,
+                        "signature": {"Q": ptr, "K": ptr, "V": ptr, "Out": ptr, "Lse": "*fp32", "Seed": "*i64",
+                                      **strides("q", "k", "v", "o"), "H": "i32", "Tq": "i32", "Tk": "i32",
+                                      "window": "i32", "qk_scale": "fp32", "dropout_p": "fp32",
+                                      "HEAD_DIM": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
+                                      "DROPOUT": "constexpr", "PRECISION": "constexpr"},
+                        "constexprs": {"HEAD_DIM": d, "BLOCK_M": block_m, "BLOCK_N": block_n,
+                                       "DROPOUT": dropout, "PRECISION": _precision(dtype)},
+                        "num_warps": num_warps, "num_stages": num_stages, "tags": {**tags, "regime": regime},
+                    }
+                    if regime == "decode":
+                        continue
+                    for fn, key, grad in ((_attention_bwd_dkdv_kernel, "dkdv", ("dk", "dv")),
+                                          (_attention_bwd_dq_kernel, "dq", ("dq",))):
+                        block_m, block_n, num_warps, num_stages = tiles[key]
+                        outputs = {g.upper(): ptr for g in grad}
+                        yield {
+                            "fn": fn,
+                            "signature": {"Q": ptr, "DO": ptr, "K": ptr, "V": ptr, "Lse": "*fp32",
+                                          "Delta": "*fp32", **outputs, "Seed": "*i64",
+                                          **strides("q", "do", "k", "v", *grad), "H": "i32", "Tq": "i32",
+                                          "Tk": "i32", "window": "i32", "qk_scale": "fp32", "sm_scale": "fp32",
+                                          "dropout_p": "fp32", "HEAD_DIM": "constexpr", "BLOCK_M": "constexpr",
+                                          "BLOCK_N": "constexpr", "DROPOUT": "constexpr", "PRECISION": "constexpr"},
+                            "constexprs": {"HEAD_DIM": d, "BLOCK_M": block_m, "BLOCK_N": block_n,
+                                           "DROPOUT": dropout, "PRECISION": _precision(dtype)},
+                            "num_warps": num_warps, "num_stages": num_stages, "tags": tags,
+                        }
+            block_m, _, num_warps, num_stages = _tiles(d, dtype, 256)["preprocess"]
+            yield {
+                "fn": _attention_bwd_preprocess_kernel,
+                "signature": {"Out": ptr, "DO": ptr, "Delta": "*fp32", **strides("o", "do"), "H": "i32",
+                              "Tq": "i32", "HEAD_DIM": "constexpr", "BLOCK_M": "constexpr"},
+                "constexprs": {"HEAD_DIM": d, "BLOCK_M": block_m},
+                "num_warps": num_warps, "num_stages": num_stages, "tags": {"head_dim": d, "dtype": name},
+            }
+
+
+# ---------------------------------------------------------------------------------------------------
+# op registration: opaque to torch.compile, differentiable through register_autograd
+
+
+@torch.library.custom_op("fastgpt::causal_attention_fwd", mutates_args=())
+def _causal_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seed: torch.Tensor | None,
+                          dropout_p: float, window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(q, k, v, seed, dropout_p, window)
+
+
+@_causal_attention_fwd.register_fake
+def _(q, k, v, seed, dropout_p, window):
+    return _empty_bthd(q, q.size(2)), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("fastgpt::causal_attention_bwd", mutates_args=())
+def _causal_attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          out: torch.Tensor, lse: torch.Tensor, seed: torch.Tensor | None, dropout_p: float,
+                          window: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(dout, q, k, v, out, lse, seed, dropout_p, window)
+
+
+@_causal_attention_bwd.register_fake
+def _(dout, q, k, v, out, lse, seed, dropout_p, window):
+    return _empty_bthd(q, q.size(2)), _empty_bthd(k, k.size(2)), _empty_bthd(v, v.size(2))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, seed, dropout_p, window = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, seed)
+    ctx.dropout_p, ctx.window = dropout_p, window
+
+
+def _causal_attention_backward(ctx, dout, dlse):
+    q, k, v, out, lse, seed = ctx.saved_tensors
+    dq, dk, dv = _causal_attention_bwd(dout, q, k, v, out, lse, seed, ctx.dropout_p, ctx.window)
+    return dq, dk, dv, None, None, None
+
+
+_causal_attention_fwd.register_autograd(_causal_attention_backward, setup_context=_setup_context)
+
+
+def causal_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    dropout_p: float = 0.0,
+    window: int | None = None,
+) -> torch.Tensor:
+    _check(q, k, v, dropout_p)
+    # The dropout seed is drawn on q's device from torch's generator: torch.manual_seed reproduces a run,
+    # and the kernels load it from device memory, so there is no host sync, eagerly or in a compiled
+    # graph (where the draw is part of the graph). The kernels give it the (batch, head) as high bits.
+    seed = torch.randint(0, 2**32, (1,), dtype=torch.int64, device=q.device) if dropout_p > 0 else None
+    return _causal_attention_fwd(q, k, v, seed, dropout_p, window)[0]
+
+
 def causal_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -63,4 +738,5 @@ def causal_attention(
         raise ValueError(f"causal_attention: dropout_p must be in [0, 1), got {dropout_p}")
     if window is not None and window < 1:
         raise ValueError(f"causal_attention: window must be None or >= 1, got {window}")
-    return select("causal_attention", q, causal_attention_reference, None)(q, k, v, dropout_p, window)
+    return select("causal_attention", q, causal_attention_reference, causal_attention_triton)(
+        q, k, v, dropout_p, window)
