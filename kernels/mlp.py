@@ -1,16 +1,33 @@
 """The first half of the GPT MLP: a linear layer followed by exact (erf) GELU.
 
-    y = gelu(x @ weight.T + bias),   gelu(z) = z * (1 + erf(z / sqrt(2))) / 2
+    z = x @ weight.T + bias,   y = gelu(z) = z * (1 + erf(z / sqrt(2))) / 2
 
 The reference is `F.gelu(F.linear(...))`; it is the fallback, the test oracle and the benchmark
-baseline. The Triton kernel (matmul with the bias and GELU fused into its epilogue) plugs in through
-`kernels.backend.select`. The MLP's second linear (`c_proj`) stays a plain matmul.
+baseline. The MLP's second linear (`c_proj`) stays a plain (cuBLAS) matmul.
+
+The Triton path:
+  forward   a tiled matmul (fp32 accumulators, grouped tile order for L2 reuse) whose epilogue adds the
+            bias and applies the GELU while the tile is still in registers, storing y and the
+            pre-activation z: the reference writes z, reads it back for the GELU and writes y; here z
+            and y are written once each and z is never read back in the forward;
+  backward  dz = dy * gelu'(z), gelu'(z) = Phi(z) + z * phi(z), in one elementwise pass over dy and the
+            saved z, then dx = dz @ weight and dweight = dz.T @ x as cuBLAS matmuls and dbias = the
+            column sums of dz. Saved for the backward: x, weight and z, as the reference saves x,
+            weight and z (the GELU's input): no more activation memory than it uses.
+The gradient matmuls are cuBLAS: they are plain matmuls with nothing to fuse, and cuBLAS is what a
+Triton matmul would have to beat (on an H100 it does not, for these shapes, without wgmma/TMA tuning).
+fp32, fp16 and bf16 inputs (one dtype for x, weight and bias; under autocast they are cast to the
+autocast dtype first, as F.linear would). fp32 inputs use TF32 in the matmul exactly when PyTorch's
+`torch.backends.cuda.matmul.allow_tf32` does.
 """
 
 from __future__ import annotations
 
+
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 from kernels.backend import select
 
@@ -19,6 +36,269 @@ def linear_gelu_reference(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     return F.gelu(F.linear(x, weight, bias))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Triton kernels
+
+
+@triton.jit
+def _linear_gelu_fwd_kernel(
+    X,  # (M, K) input rows
+    W,  # (N, K) weight, as nn.Linear stores it
+    B,  # (N,) bias (HAS_BIAS)
+    Y,  # (M, N) out: gelu(z)
+    Z,  # (M, N) out: z = x @ W.T + b, saved for the backward
+    M, N, K,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_zm,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    # grouped order: GROUP_M row tiles sweep the column tiles together, so the weight tiles they share
+    # and their rows of x are reused from L2
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_M * tiles_n)
+    first_m = group * GROUP_M
+    group_m = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * tiles_n)) % group_m
+    pid_n = (pid % (GROUP_M * tiles_n)) // group_m
+
+    # 64-bit tile origins, 32-bit offsets within a tile (fewer registers than 64-bit pointer tiles)
+    row0 = pid_m.to(tl.int64) * BLOCK_M
+    col0 = pid_n.to(tl.int64) * BLOCK_N
+    rows = tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    rows_left = M - row0
+    cols_left = N - col0
+    x_ptrs = X + row0 * stride_xm + rows[:, None] * stride_xm + ks[None, :] * stride_xk  # (BLOCK_M, BLOCK_K)
+    w_ptrs = W + col0 * stride_wn + cols[None, :] * stride_wn + ks[:, None] * stride_wk  # (BLOCK_K, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - k * BLOCK_K
+        a = tl.load(x_ptrs, mask=(rows[:, None] < rows_left) & (ks[None, :] < k_left), other=0.0)
+        b = tl.load(w_ptrs, mask=(cols[None, :] < cols_left) & (ks[:, None] < k_left), other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+
+    if HAS_BIAS:
+        acc += tl.load(B + col0 + cols, mask=cols < cols_left, other=0.0).to(tl.float32)[None, :]
+    mask = (rows[:, None] < rows_left) & (cols[None, :] < cols_left)
+    # y is computed from z as stored (rounded to its dtype), as the reference's GELU reads it
+    z = acc.to(Z.dtype.element_ty)
+    tl.store(Z + row0 * stride_zm + col0 + rows[:, None] * stride_zm + cols[None, :], z, mask=mask)
+    z = z.to(tl.float32)
+    y = 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
+    tl.store(Y + row0 * stride_ym + col0 + rows[:, None] * stride_ym + cols[None, :], y, mask=mask)
+
+
+@triton.jit
+def _linear_gelu_bwd_kernel(
+    DY,  # (numel,) gradient of y, contiguous
+    Z,  # (numel,) saved pre-activation, contiguous
+    DZ,  # (numel,) out
+    numel,
+    BLOCK: tl.constexpr,
+):
+    # dz = dy * gelu'(z),  gelu'(z) = Phi(z) + z * phi(z),  Phi(z) = (1 + erf(z / sqrt 2)) / 2,
+    # phi(z) = exp(-z^2 / 2) / sqrt(2 pi)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    z = tl.load(Z + offs, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+    cdf = 0.5 * (1.0 + tl.erf(z * 0.7071067811865476))
+    pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327
+    tl.store(DZ + offs, dy * (cdf + z * pdf), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------------
+# launchers
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): the autotuner's candidates on a GPU, chosen per
+# (M, N, K). Wide tiles for the training shapes (M = B*T in the tens of thousands, N = 4*n_embd), narrow
+# ones for the small M of generation. fp32 tiles hold twice the bytes per element, so they take a shorter
+# K step and fewer stages to stay within shared memory (163 KiB on an A100). Every candidate compiles
+# without register spills for sm_80 and sm_90 (tests/test_mlp.py).
+_CONFIGS_16BIT = (
+    (128, 128, 64, 8, 4),
+    (128, 64, 64, 4, 4),
+    (64, 128, 64, 4, 4),
+    (64, 64, 64, 4, 3),
+    (32, 64, 64, 4, 3),
+)
+_CONFIGS_FP32 = (
+    (128, 128, 32, 8, 3),
+    (64, 128, 32, 4, 3),
+    (64, 64, 32, 4, 3),
+    (32, 64, 32, 4, 3),
+)
+# The interpreter runs one program at a time: one medium tile (the interpreter's cost is per program).
+_INTERPRETER_CONFIG = (64, 64, 32, 4, 1)
+_GROUP_M = 8
+_BWD_BLOCK = 1024
+_BWD_WARPS = 4
+
+
+def _autotuned(configs):
+    return triton.autotune(
+        configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+                 for bm, bn, bk, w, s in configs],
+        key=["M", "N", "K", "HAS_BIAS", "INPUT_PRECISION"],
+    )(_linear_gelu_fwd_kernel)
+
+
+_linear_gelu_fwd_tuned = {2: _autotuned(_CONFIGS_16BIT), 4: _autotuned(_CONFIGS_FP32)}  # by element size
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"  # ignored by Triton for 16-bit inputs
+
+
+def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    m, k = x.shape
+    n = weight.size(0)
+    y = x.new_empty((m, n))
+    z = x.new_empty((m, n))
+    if m == 0 or n == 0:
+        return y, z
+    args = (x, weight, bias if bias is not None else weight, y, z, m, n, k, x.stride(0), x.stride(1),
+            weight.stride(0), weight.stride(1), y.stride(0), z.stride(0))
+    flags = dict(GROUP_M=_GROUP_M, HAS_BIAS=bias is not None, INPUT_PRECISION=_input_precision(x.dtype))
+    if x.is_cuda:
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+        _linear_gelu_fwd_tuned[x.element_size()][grid](*args, **flags)
+    else:
+        bm, bn, bk, w, s = _INTERPRETER_CONFIG
+        grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+        _linear_gelu_fwd_kernel[grid](*args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=s,
+                                      **flags)
+    return y, z
+
+
+def _gelu_backward(dy: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    dy = dy.contiguous()
+    dz = torch.empty_like(z)
+    if z.numel():
+        _linear_gelu_bwd_kernel[(triton.cdiv(z.numel(), _BWD_BLOCK),)](dy, z, dz, z.numel(), BLOCK=_BWD_BLOCK,
+                                                                       num_warps=_BWD_WARPS)
+    return dz
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    for label, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if t.device != x.device:
+            raise ValueError(f"linear_gelu: {label} is on {t.device} but x is on {x.device}; move them together")
+        if t.dtype != x.dtype:
+            raise ValueError(f"linear_gelu: {label} is {t.dtype} but x is {x.dtype}: the Triton kernel takes "
+                             "one dtype (or run under torch.autocast, which casts them)")
+    if x.dtype not in _DTYPES:
+        raise ValueError(f"linear_gelu: the Triton kernel takes float32, float16 or bfloat16, got {x.dtype}; "
+                         "use kernels.set_backend('reference') for other dtypes")
+
+
+def aot_specs():
+    """Every configuration the launchers may compile on a GPU: each autotuner candidate, with and without
+    bias, for bf16 and fp32 (TF32 and IEEE), and the elementwise backward. n_embd does not enter the
+    compiled code (M, N and K are runtime arguments), so one compilation covers n_embd 128..4096; the JIT
+    specialises unit strides (contiguous rows) and sizes and strides that are multiples of 16, as they
+    are for every n_embd in that range."""
+    divisible = ["M", "N", "K", "stride_xm", "stride_wn", "stride_ym", "stride_zm"]
+    variants = [("bf16", "tf32", _CONFIGS_16BIT, (False, True)), ("fp32", "tf32", _CONFIGS_FP32, (False, True)),
+                ("fp32", "ieee", _CONFIGS_FP32, (False,))]
+    for dtype, precision, configs, biases in variants:
+        for bm, bn, bk, w, s in configs:
+            for has_bias in biases:
+                yield {
+                    "fn": _linear_gelu_fwd_kernel,
+                    "signature": {"X": f"*{dtype}", "W": f"*{dtype}", "B": f"*{dtype}", "Y": f"*{dtype}",
+                                  "Z": f"*{dtype}", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
+                                  "stride_xk": "constexpr", "stride_wn": "i32", "stride_wk": "constexpr",
+                                  "stride_ym": "i32", "stride_zm": "i32", "BLOCK_M": "constexpr",
+                                  "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "GROUP_M": "constexpr",
+                                  "HAS_BIAS": "constexpr", "INPUT_PRECISION": "constexpr"},
+                    "constexprs": {"stride_xk": 1, "stride_wk": 1, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
+                                   "GROUP_M": _GROUP_M, "HAS_BIAS": has_bias, "INPUT_PRECISION": precision},
+                    "divisible": divisible, "num_warps": w, "num_stages": s,
+                    "tags": {"dtype": dtype, "bias": has_bias, "precision": precision},
+                }
+    for dtype in ("bf16", "fp32"):
+        yield {
+            "fn": _linear_gelu_bwd_kernel,
+            "signature": {"DY": f"*{dtype}", "Z": f"*{dtype}", "DZ": f"*{dtype}", "numel": "i32",
+                          "BLOCK": "constexpr"},
+            "constexprs": {"BLOCK": _BWD_BLOCK}, "divisible": ["numel"], "num_warps": _BWD_WARPS,
+            "num_stages": 1, "tags": {"dtype": dtype},
+        }
+
+
+# ---------------------------------------------------------------------------------------------------
+# op registration: opaque to torch.compile, differentiable through register_autograd
+
+
+@torch.library.custom_op("fastgpt::linear_gelu_fwd", mutates_args=())
+def _linear_gelu_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(x, weight, bias)
+
+
+@_linear_gelu_fwd.register_fake
+def _(x, weight, bias):
+    shape = (x.size(0), weight.size(0))
+    return x.new_empty(shape), x.new_empty(shape)
+
+
+@torch.library.custom_op("fastgpt::gelu_bwd", mutates_args=())
+def _gelu_bwd(dy: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    return _gelu_backward(dy, z)
+
+
+@_gelu_bwd.register_fake
+def _(dy, z):
+    return torch.empty_like(z)
+
+
+def _setup(ctx, inputs, output):
+    x, weight, bias = inputs
+    ctx.save_for_backward(x, weight, output[1])
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, dy, dz_out):
+    x, weight, z = ctx.saved_tensors
+    dz = _gelu_bwd(dy, z)  # (M, N)
+    dx = dz @ weight  # (M, K)
+    dweight = dz.t() @ x  # (N, K)
+    dbias = dz.sum(0) if ctx.has_bias else None
+    return dx, dweight, dbias
+
+
+_linear_gelu_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+def linear_gelu_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+                       ) -> torch.Tensor:
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    _check(x, weight, bias)
+    y, _ = _linear_gelu_fwd(x.reshape(-1, x.size(-1)), weight, bias)
+    return y.view(*x.shape[:-1], weight.size(0))
+
+
+# ---------------------------------------------------------------------------------------------------
+# public entry point
 
 
 def linear_gelu(
@@ -34,4 +314,4 @@ def linear_gelu(
         raise ValueError(
             f"linear_gelu: bias must have shape ({weight.size(0)},), got {tuple(bias.shape)}"
         )
-    return select("linear_gelu", x, linear_gelu_reference, None)(x, weight, bias)
+    return select("linear_gelu", x, linear_gelu_reference, linear_gelu_triton)(x, weight, bias)

@@ -4,8 +4,9 @@
 
 Each kernel module lists, in `aot_specs()`, every configuration its launchers or autotuners may pick:
 dicts with `fn` (the @triton.jit kernel), `signature` (argument name -> Triton type, "constexpr" for
-compile-time arguments), `constexprs`, `num_warps`, `num_stages` and free-form `tags` (n_embd, dtype,
-...). Every spec is compiled for sm_90 (H100) and sm_80 (A100) and reported with its shared memory and
+compile-time arguments, which is also how the JIT passes integer arguments equal to 1), `constexprs`,
+`num_warps`, `num_stages`, optionally `divisible` (integer arguments the JIT would see as multiples of
+16) and free-form `tags` (n_embd, dtype, ...). Every spec is compiled for sm_90 (H100) and sm_80 (A100) and reported with its shared memory and
 the registers, stack and local memory (spills) that `cuobjdump --dump-resource-usage` reads off the
 cubin. It runs as a subprocess because the Triton interpreter, which the tests switch on when there is
 no GPU, replaces the kernels with objects that cannot be compiled.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import multiprocessing
 import os
 import re
 import subprocess
@@ -46,7 +48,12 @@ def compile_spec(spec: dict, arch: int) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    source = ASTSource(fn=spec["fn"], signature=spec["signature"], constexprs=spec["constexprs"])
+    # What the JIT specialises at launch: pointers from the caching allocator are 16-byte aligned, and so
+    # are the integer arguments a spec lists in `divisible` (strides, sizes) for the shapes it stands for.
+    names = spec["fn"].arg_names
+    hinted = [k for k, t in spec["signature"].items() if t.startswith("*")] + list(spec.get("divisible", ()))
+    attrs = {(names.index(k),): [["tt.divisibility", 16]] for k in hinted}
+    source = ASTSource(fn=spec["fn"], signature=spec["signature"], constexprs=spec["constexprs"], attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]})
     usage = resource_usage(compiled.asm["cubin"])
@@ -59,20 +66,30 @@ def compile_spec(spec: dict, arch: int) -> dict:
     }
 
 
+_jobs: list[tuple[str, dict, int]] = []  # (module, spec, arch); forked workers inherit it
+
+
+def _compile_job(index: int) -> dict:
+    module, spec, arch = _jobs[index]
+    try:
+        row = compile_spec(spec, arch)
+    except Exception as error:  # report every failure, keep compiling the rest
+        row = {"kernel": spec["fn"].__name__, "arch": arch, **spec["tags"], "constexprs": spec["constexprs"],
+               "num_warps": spec["num_warps"], "error": f"{type(error).__name__}: {error}".splitlines()[0][:300]}
+    return {"module": module, **row}
+
+
 def main(modules: list[str]) -> None:
     os.environ.pop("TRITON_INTERPRET", None)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns when it is unset
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     for name in modules:
         for spec in importlib.import_module(name).aot_specs():
-            for arch in ARCHS:
-                try:
-                    row = compile_spec(spec, arch)
-                except Exception as error:  # report every failure, keep compiling the rest
-                    row = {"kernel": spec["fn"].__name__, "arch": arch, **spec["tags"],
-                           "constexprs": spec["constexprs"], "num_warps": spec["num_warps"],
-                           "error": f"{type(error).__name__}: {error}".splitlines()[0][:300]}
-                print(json.dumps({"module": name, **row}), flush=True)
+            _jobs.extend((name, spec, arch) for arch in ARCHS)
+    # compilation is CPU-bound and independent per job: one worker per core
+    with multiprocessing.get_context("fork").Pool(os.cpu_count()) as pool:
+        for row in pool.imap(_compile_job, range(len(_jobs))):
+            print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

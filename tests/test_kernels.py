@@ -10,6 +10,7 @@ import torch
 
 import kernels
 from kernels.attention import causal_attention_reference
+from kernels.backend import select
 from kernels.layernorm import layer_norm_reference
 from kernels.mlp import linear_gelu_reference
 
@@ -253,10 +254,24 @@ def test_backend_context_restores_the_previous_backend_on_exception():
     assert kernels.get_backend() == "reference"
 
 
-@pytest.mark.parametrize("op", OPS)
-def test_triton_backend_refuses_ops_without_a_kernel(op):
-    with kernels.backend("triton"), pytest.raises(NotImplementedError, match=f"{op} has no Triton kernel"):
-        getattr(kernels, op)(*op_inputs(op))
+def test_select_picks_by_backend_and_device():
+    cpu = torch.zeros(1)
+
+    def reference():
+        pass
+
+    def triton():
+        pass
+
+    with kernels.backend("auto"):
+        assert select("op", cpu, reference, triton) is reference  # no CUDA tensor: the reference
+        assert select("op", cpu, reference, None) is reference
+    with kernels.backend("triton"):
+        assert select("op", cpu, reference, triton) is triton  # the interpreter on the CPU
+        with pytest.raises(NotImplementedError, match="op has no Triton kernel yet"):
+            select("op", cpu, reference, None)
+    with kernels.backend("reference"):
+        assert select("op", cpu, reference, triton) is reference
 
 
 @pytest.mark.parametrize("name", ["auto", "reference"])
@@ -269,5 +284,5 @@ def test_cpu_tensors_run_the_reference(name, op):
 
 
 def test_public_api():
-    assert sorted(kernels.__all__) == sorted(["backend", "causal_attention", "get_backend", "layer_norm",
-                                              "linear_gelu", "set_backend"])
+    assert sorted(kernels.__all__) == sorted(["add_layer_norm", "backend", "causal_attention", "get_backend",
+                                              "layer_norm", "linear_gelu", "set_backend"])
