@@ -148,12 +148,12 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def _tile(n: int, backward: bool) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) for rows of n elements. Narrow rows (n_embd 128..512) are taken
     several to a program so every thread has work: about 4096 elements per program in the forward, 2048
-    in the backward, which keeps more tensors live (x, dy, xhat, dy * w and the dw, db sums); 8 to 16
-    elements per thread keeps both free of register spills."""
+    in the backward, which keeps more tensors live (x, dy, xhat, dy * w and the dw, db sums); at most 8
+    elements per thread per tensor keeps both free of register spills."""
     block_n = triton.next_power_of_2(n)
     block_m = max(1, min(16, (2048 if backward else 4096) // block_n))
     elements = block_m * block_n
-    num_warps = max(4, min(16, elements // (256 if backward else 512)))
+    num_warps = max(4, min(16, elements // 256))
     return block_m, block_n, num_warps
 
 
@@ -166,10 +166,13 @@ def _backward_programs(m: int, block_m: int, device: torch.device) -> int:
     return min(tiles, 4 * torch.cuda.get_device_properties(device).multi_processor_count)
 
 
-def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
-    """`t` as (M, N) rows with a unit column stride; a view whenever the layout allows one."""
+def _rows(t: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """`t` as (M, N) rows with a unit column stride (the kernels' only layout requirement); a view
+    whenever the layout allows one. Gradients arrive in any layout (an expanded ones_like, say)."""
+    if t is None:
+        return None
     t = t.reshape(-1, n)
-    return t if t.stride(1) == 1 else t.contiguous()
+    return t if t.stride(1) == 1 or n == 1 else t.contiguous()
 
 
 def _check(name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -190,6 +193,7 @@ def _check(name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 def _forward(x, residual, weight, bias, eps, out_dtype):
     """Launch the forward on (M, N) rows; returns y, h (None without residual), mean, rstd."""
     m, n = x.shape
+    x, residual = _rows(x, n), _rows(residual, n)
     y = torch.empty((m, n), dtype=out_dtype, device=x.device)
     h = None
     if residual is not None:
@@ -213,6 +217,7 @@ def _forward(x, residual, weight, bias, eps, out_dtype):
 def _backward(dy, x, weight, has_bias, mean, rstd, dh):
     """Launch the backward on (M, N) rows; returns dx (in x's dtype), dweight, dbias (or an empty tensor)."""
     m, n = x.shape
+    dy, x, dh = _rows(dy, n), _rows(x, n), _rows(dh, n)
     dx = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return dx, torch.zeros_like(weight), torch.zeros_like(weight) if has_bias else dx.new_empty(0)

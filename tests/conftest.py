@@ -57,6 +57,32 @@ def cli():
     return run_module
 
 
+# The kernels' accuracy rule (FlashAttention's): against the op computed in fp64, a kernel's error may be at
+# most twice PyTorch's own error in the same input dtype, plus a floor of a few units in the last place of
+# that dtype relative to the result's scale (PyTorch's CPU ops sometimes compute in higher precision).
+ERROR_FLOOR = {torch.float32: 4e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def check_kernel_error(name: str, actual: torch.Tensor, exact: torch.Tensor, torch_lowp: torch.Tensor) -> None:
+    """Assert `actual` (kernel, low precision) is as close to `exact` (fp64) as `torch_lowp` (PyTorch's
+    reference in the same precision) is, within the rule above."""
+    assert actual.shape == exact.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(exact.shape)}"
+    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
+    exact = exact.double()
+    error = (actual.double() - exact).abs().max().item() if exact.numel() else 0.0
+    torch_error = (torch_lowp.double() - exact).abs().max().item() if exact.numel() else 0.0
+    scale = max(exact.abs().max().item() if exact.numel() else 0.0, 1e-6)
+    bound = 2 * torch_error + ERROR_FLOOR[actual.dtype] * scale
+    assert error <= bound, (f"{name}: max error {error:.3g} > {bound:.3g} (PyTorch's own {actual.dtype} error "
+                            f"{torch_error:.3g}, scale {scale:.3g})")
+
+
+@pytest.fixture
+def kernel_error():
+    """`kernel_error(name, actual, exact_fp64, torch_same_dtype)`: the accuracy rule above."""
+    return check_kernel_error
+
+
 def aot_table(rows: list[dict]) -> str:
     """Registers, spills and shared memory of AOT-compiled kernels, one line per kernel, config and arch."""
     lines = []

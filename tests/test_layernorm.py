@@ -1,0 +1,172 @@
+"""The Triton LayerNorm (plain and fused-residual), run in the Triton interpreter on the CPU: output and
+every gradient against the reference in fp64, strides, dtypes, autocast, determinism, the custom ops'
+registration (opcheck, torch.compile fullgraph) and ahead-of-time compilation for sm_90 and sm_80."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kernels
+from kernels.layernorm import (MAX_N, _add_layer_norm_fwd, _layer_norm_bwd, _layer_norm_fwd,
+                               add_layer_norm_reference, layer_norm_reference)
+
+SHAPES = [(1, 1, 7), (3, 7, 384), (2, 129, 1000), (4, 65, 768)]
+
+
+@pytest.fixture(autouse=True)
+def triton_backend():
+    with kernels.backend("triton"):
+        yield
+
+
+def make(shape, dtype, with_bias, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n = shape[-1]
+    x = (torch.randn(shape, generator=g) * 2 + 0.5).to(dtype)
+    r = torch.randn(shape, generator=g).to(dtype)
+    w = (1 + 0.2 * torch.randn(n, generator=g)).to(dtype)
+    b = (0.2 * torch.randn(n, generator=g)).to(dtype) if with_bias else None
+    return x, r, w, b
+
+
+def grads(fn, inputs, cotangents):
+    """Outputs of fn(*inputs) and the gradients of sum(output * cotangent) wrt every non-None input."""
+    leaves = [t.detach().requires_grad_() if t is not None else None for t in inputs]
+    outputs = fn(*leaves)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    loss = sum((o.double() * c.double()).sum() for o, c in zip(outputs, cotangents))
+    present = [t for t in leaves if t is not None]
+    return [o.detach() for o in outputs], [g for g in torch.autograd.grad(loss, present)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_layer_norm_and_gradients_match_fp64(shape, dtype, with_bias, kernel_error):
+    x, _, w, b = make(shape, dtype, with_bias)
+    dy = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    names = ["y", "dx", "dweight", "dbias"]
+    outs, gs = grads(kernels.layer_norm, (x, w, b), (dy,))
+    exact_outs, exact_gs = grads(layer_norm_reference, [t.double() if t is not None else None for t in (x, w, b)],
+                                 (dy,))
+    torch_outs, torch_gs = grads(layer_norm_reference, (x, w, b), (dy,))
+    assert outs[0].dtype == dtype
+    for name, a, e, t in zip(names, outs + gs, exact_outs + exact_gs, torch_outs + torch_gs):
+        kernel_error(name, a, e, t)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_add_layer_norm_and_gradients_match_fp64(shape, dtype, kernel_error):
+    """h = x + r and layer_norm(h), with gradients reaching both h (the residual stream) and y."""
+    with_bias = shape[-1] % 2 == 0  # bias on some shapes, not on others
+    x, r, w, b = make(shape, dtype, with_bias)
+    g = torch.Generator().manual_seed(2)
+    dh, dy = torch.randn(shape, generator=g).to(dtype), torch.randn(shape, generator=g).to(dtype)
+    inputs = (x, r, w, b)
+    names = ["h", "y", "dx", "dr", "dweight", "dbias"]
+    outs, gs = grads(kernels.add_layer_norm, inputs, (dh, dy))
+    exact_outs, exact_gs = grads(add_layer_norm_reference,
+                                 [t.double() if t is not None else None for t in inputs], (dh, dy))
+    torch_outs, torch_gs = grads(add_layer_norm_reference, inputs, (dh, dy))
+    for name, a, e, t in zip(names, outs + gs, exact_outs + exact_gs, torch_outs + torch_gs):
+        kernel_error(name, a, e, t)
+
+
+def test_strided_rows_and_mixed_dtypes():
+    """Rows that are a strided view (every other row of a wider buffer) and a fp16 residual added to an
+    fp32 stream: h is fp32 and each gradient comes back in its input's dtype."""
+    g = torch.Generator().manual_seed(3)
+    buffer = torch.randn(6, 2, 96, generator=g)
+    x = buffer[:, 0]  # (6, 96) rows 192 elements apart
+    assert not x.is_contiguous()
+    r = torch.randn(6, 96, generator=g).half()
+    w, b = torch.randn(96, generator=g), torch.randn(96, generator=g)
+    (h, y), (dx, dr, dw, db) = grads(kernels.add_layer_norm, (x, r, w, b), (torch.ones(6, 96), torch.ones(6, 96)))
+    (h_ref, y_ref), ref_grads = grads(add_layer_norm_reference, (x, r, w, b), (torch.ones(6, 96),
+                                                                               torch.ones(6, 96)))
+    assert h.dtype == torch.float32 and dr.dtype == torch.float16 and dx.dtype == torch.float32
+    torch.testing.assert_close(h, h_ref)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    for a, e in zip((dx, dr, dw, db), ref_grads):
+        torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-3)
+
+
+def test_autocast_writes_the_autocast_dtype():
+    """Under autocast the output is produced in bf16 directly, as the following linear would cast it."""
+    x, _, w, b = make((5, 64), torch.float32, True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = kernels.layer_norm(x, w, b)
+    assert y.dtype == torch.bfloat16
+    # within one bf16 unit in the last place: the interpreter truncates fp32 -> bf16, a GPU rounds
+    torch.testing.assert_close(y.float(), layer_norm_reference(x, w, b).bfloat16().float(), atol=0, rtol=2 ** -7)
+
+
+def test_no_rows():
+    x, r, w, _ = make((0, 3, 16), torch.float32, False)
+    (h, y), (dx, dr, dw) = grads(kernels.add_layer_norm, (x, r, w, None), (torch.ones(0, 3, 16),) * 2)
+    assert h.shape == y.shape == dx.shape == (0, 3, 16) and torch.equal(dw, torch.zeros(16))
+
+
+def test_backward_is_deterministic():
+    x, r, w, b = make((3, 50, 200), torch.float32, True)
+    cot = (torch.randn(3, 50, 200), torch.randn(3, 50, 200))
+    first = grads(kernels.add_layer_norm, (x, r, w, b), cot)
+    second = grads(kernels.add_layer_norm, (x, r, w, b), cot)
+    for a, b_ in zip(first[0] + first[1], second[0] + second[1]):
+        assert torch.equal(a, b_)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (lambda x, w: (x.double(), w.double()), "layer_norm: the Triton kernel takes float32, float16 or bfloat16"),
+    (lambda x, w: (x.to(torch.int32), w), "got x in torch.int32"),
+    (lambda x, w: (torch.zeros(2, MAX_N + 1), torch.ones(MAX_N + 1)), f"N <= {MAX_N}"),
+    (lambda x, w: (x, w.to("meta")), "weight is on meta but x is on cpu"),
+])
+def test_launcher_rejects_bad_inputs_with_a_message(bad, message):
+    x, w = bad(torch.ones(2, 8), torch.ones(8))
+    with pytest.raises(ValueError, match=message):
+        kernels.layer_norm(x, w)
+
+
+def test_opcheck():
+    x, r, w, b = make((3, 5, 40), torch.float32, True)
+    mean = x.reshape(-1, 40).mean(-1)
+    rstd = torch.rsqrt(x.reshape(-1, 40).var(-1, unbiased=False) + 1e-5)
+    rows = x.reshape(-1, 40)
+    torch.library.opcheck(_layer_norm_fwd, (rows.requires_grad_(), w.requires_grad_(), b, 1e-5, torch.float32))
+    torch.library.opcheck(_add_layer_norm_fwd, (rows.detach(), r.reshape(-1, 40), w.detach(), None, 1e-5,
+                                                torch.float32))
+    torch.library.opcheck(_layer_norm_bwd, (torch.randn(15, 40), rows.detach(), w.detach(), True, mean, rstd,
+                                            torch.randn(15, 40)))
+
+
+def test_compiles_fullgraph_through_the_custom_ops():
+    torch._dynamo.reset()
+    x, r, w, b = make((2, 9, 48), torch.float32, True)
+
+    def block(x, r, w, b):
+        h, y = kernels.add_layer_norm(x, r, w, b)
+        return h * kernels.layer_norm(y, w)
+
+    compiled = torch.compile(block, fullgraph=True)
+    out, out_grads = grads(compiled, (x, r, w, b), (torch.ones(2, 9, 48),))
+    ref, ref_grads = grads(block, (x, r, w, b), (torch.ones(2, 9, 48),))
+    torch.testing.assert_close(out[0], ref[0])
+    for a, e in zip(out_grads, ref_grads):
+        torch.testing.assert_close(a, e)
+
+
+def test_aot_compiles_every_configuration_for_sm90_and_sm80(aot_compile):
+    rows = aot_compile("kernels.layernorm")
+    errors = [r for r in rows if "error" in r]
+    assert not errors, errors[:3]
+    for n in (128, 384, 768, 1024, 4096):
+        for dtype in ("fp32", "bf16"):
+            for arch in (90, 80):
+                found = {r["kernel"] for r in rows if (r["n_embd"], r["dtype"], r["arch"]) == (n, dtype, arch)}
+                assert found == {"_layer_norm_fwd_kernel", "_layer_norm_bwd_kernel"}, (n, dtype, arch)
+    assert all(r["shared"] <= r["shared_limit"] for r in rows)
+    spilling = [r for r in rows if r["spills"]]
+    assert not spilling, f"register spills: {spilling}"

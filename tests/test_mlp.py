@@ -1,0 +1,147 @@
+"""The Triton linear + GELU, run in the Triton interpreter on the CPU: output and every gradient against
+the reference in fp64, strides, autocast, determinism, saved activations, the custom ops' registration
+(opcheck, torch.compile fullgraph) and ahead-of-time compilation for sm_90 and sm_80."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kernels
+from kernels.mlp import _gelu_bwd, _linear_gelu_fwd, linear_gelu_reference
+
+# (x shape, N): the issue's row shapes, N = 4 * K as in the GPT's MLP where that stays small enough for
+# the interpreter, and ragged tile edges in every dimension
+CASES = [((1, 1, 7), 28), ((3, 7, 384), 1536), ((2, 129, 1000), 200), ((4, 65, 768), 300)]
+
+
+@pytest.fixture(autouse=True)
+def triton_backend():
+    with kernels.backend("triton"):
+        yield
+
+
+def make(x_shape, n, dtype, with_bias, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    k = x_shape[-1]
+    x = torch.randn(x_shape, generator=g).to(dtype)
+    w = (torch.randn(n, k, generator=g) / k ** 0.5).to(dtype)
+    b = (0.5 * torch.randn(n, generator=g)).to(dtype) if with_bias else None
+    dy = torch.randn(*x_shape[:-1], n, generator=g).to(dtype)
+    return x, w, b, dy
+
+
+def grads(fn, inputs, dy):
+    leaves = [t.detach().requires_grad_() if t is not None else None for t in inputs]
+    y = fn(*leaves)
+    present = [t for t in leaves if t is not None]
+    return [y.detach()] + list(torch.autograd.grad((y.double() * dy.double()).sum(), present))
+
+
+@pytest.mark.parametrize("x_shape, n", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_gelu_and_gradients_match_fp64(x_shape, n, dtype, with_bias, kernel_error):
+    x, w, b, dy = make(x_shape, n, dtype, with_bias)
+    inputs = (x, w, b)
+    names = ["y", "dx", "dweight", "dbias"]
+    ours = grads(kernels.linear_gelu, inputs, dy)
+    exact = grads(linear_gelu_reference, [t.double() if t is not None else None for t in inputs], dy)
+    torch_lowp = grads(linear_gelu_reference, inputs, dy)
+    assert ours[0].dtype == dtype and ours[0].shape == (*x_shape[:-1], n)
+    for name, a, e, t in zip(names, ours, exact, torch_lowp):
+        kernel_error(name, a, e, t)
+
+
+def test_strided_input_and_weight():
+    """x a column slice of a wider activation, the weight a transposed view: no copies needed."""
+    g = torch.Generator().manual_seed(1)
+    wide = torch.randn(2, 9, 80, generator=g)
+    x = wide[..., 16:64]  # (2, 9, 48), rows 80 elements apart
+    w = torch.randn(48, 40, generator=g).t()  # (40, 48) with strides (1, 40)
+    dy = torch.randn(2, 9, 40, generator=g)
+    ours = grads(kernels.linear_gelu, (x, w, None), dy)
+    ref = grads(linear_gelu_reference, (x, w, None), dy)
+    for a, e in zip(ours, ref):
+        torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-4)
+
+
+def test_autocast_runs_in_the_autocast_dtype():
+    """fp32 parameters under autocast are cast as F.linear's would be; fp16 stands in for bf16, which
+    the interpreter computes wrongly."""
+    x, w, b, _ = make((4, 32), 64, torch.float32, True)
+    with torch.autocast("cpu", dtype=torch.float16):
+        y = kernels.linear_gelu(x, w, b)
+    assert y.dtype == torch.float16
+    torch.testing.assert_close(y, linear_gelu_reference(x.half(), w.half(), b.half()), atol=2e-3, rtol=2e-3)
+
+
+def test_saves_no_more_than_the_reference():
+    """Activation memory in training: the reference's autograd graph keeps x, weight and the GELU's input z."""
+    x, w, b, _ = make((3, 5, 32), 128, torch.float32, True)
+    for t in (x, w, b):
+        t.requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        kernels.linear_gelu(x, w, b)
+    with kernels.backend("reference"):
+        reference_saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: reference_saved.append(t.numel()) or t,
+                                                      lambda t: t):
+            kernels.linear_gelu(x, w, b)
+    assert sum(saved) <= sum(reference_saved)
+
+
+def test_backward_is_deterministic():
+    x, w, b, dy = make((3, 40, 96), 200, torch.float32, True)
+    first, second = grads(kernels.linear_gelu, (x, w, b), dy), grads(kernels.linear_gelu, (x, w, b), dy)
+    assert all(torch.equal(a, b_) for a, b_ in zip(first, second))
+
+
+def test_no_rows():
+    x, w, b, dy = make((0, 16), 24, torch.float32, True)
+    y, dx, dw, db = grads(kernels.linear_gelu, (x, w, b), dy)
+    assert y.shape == (0, 24) and dx.shape == (0, 16) and torch.equal(dw, torch.zeros(24, 16))
+
+
+@pytest.mark.parametrize("bad, message", [
+    (lambda x, w: (x.double(), w.double()), "the Triton kernel takes float32, float16 or bfloat16"),
+    (lambda x, w: (x, w.half()), "weight is torch.float16 but x is torch.float32"),
+    (lambda x, w: (x, w.to("meta")), "weight is on meta but x is on cpu"),
+])
+def test_launcher_rejects_bad_inputs_with_a_message(bad, message):
+    x, w = bad(torch.ones(2, 8), torch.ones(4, 8))
+    with pytest.raises(ValueError, match=message):
+        kernels.linear_gelu(x, w)
+
+
+def test_opcheck():
+    x, w, b, dy = make((10, 24), 40, torch.float32, True)
+    torch.library.opcheck(_linear_gelu_fwd, (x.requires_grad_(), w.requires_grad_(), b.requires_grad_()))
+    torch.library.opcheck(_linear_gelu_fwd, (x.detach(), w.detach(), None))
+    torch.library.opcheck(_gelu_bwd, (dy, torch.randn(10, 40)))
+
+
+def test_compiles_fullgraph_through_the_custom_ops():
+    torch._dynamo.reset()
+    x, w, b, dy = make((2, 9, 48), 96, torch.float32, True)
+
+    def mlp_half(x, w, b):
+        return kernels.linear_gelu(x, w, b) * 2
+
+    compiled = torch.compile(mlp_half, fullgraph=True)
+    for a, e in zip(grads(compiled, (x, w, b), dy), grads(mlp_half, (x, w, b), dy)):
+        torch.testing.assert_close(a, e)
+
+
+def test_aot_compiles_every_configuration_for_sm90_and_sm80(aot_compile):
+    rows = aot_compile("kernels.mlp")
+    errors = [r for r in rows if "error" in r]
+    assert not errors, errors[:3]
+    for dtype in ("fp32", "bf16"):
+        for arch in (90, 80):
+            found = {r["kernel"] for r in rows if (r["dtype"], r["arch"]) == (dtype, arch)}
+            assert found == {"_linear_gelu_fwd_kernel", "_linear_gelu_bwd_kernel"}, (dtype, arch)
+    assert all(r["shared"] <= r["shared_limit"] for r in rows)
+    spilling = [r for r in rows if r["spills"]]
+    assert not spilling, f"register spills: {spilling}"
