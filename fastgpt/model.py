@@ -53,6 +53,12 @@ class LayerNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.layer_norm(x, self.weight, self.bias, 1e-5)
 
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h, layer_norm(h)) for h = x + residual, in one pass over the residual stream."""
+        if residual is None:
+            return x, self(x)
+        return kernels.add_layer_norm(x, residual, self.weight, self.bias, 1e-5)
+
 
 class KVCache:
     """Keys and values of one attention layer for the positions generated so far.
@@ -123,9 +129,15 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, pos: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache, pos)
-        return x + self.mlp(self.ln_2(x))
+    def forward(self, x: torch.Tensor, branch: torch.Tensor | None, cache: KVCache | None = None,
+                pos: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """nanoGPT's `x = x + attn(ln_1(x)); x = x + mlp(ln_2(x))`, with each residual add done by the
+        LayerNorm that reads its result (one pass over the stream instead of two). The block takes the
+        stream x plus the previous block's MLP output `branch`, not yet added (None in the first block),
+        and returns the stream and its own MLP output, likewise not yet added."""
+        x, h = self.ln_1.add_and_norm(x, branch)  # x += branch
+        x, h = self.ln_2.add_and_norm(x, self.attn(h, cache, pos))  # x += attn(ln_1(x))
+        return x, self.mlp(h)
 
 
 class LanguageModel(nn.Module):
@@ -160,7 +172,7 @@ class LanguageModel(nn.Module):
         logits = self.logits(idx, cache, pos)  # (B, T, vocab_size)
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
 
     @staticmethod
@@ -302,9 +314,10 @@ class GPT(LanguageModel):
     def logits(self, idx: torch.Tensor, cache: list[KVCache] | None, pos: int) -> torch.Tensor:
         positions = torch.arange(pos, pos + idx.size(1), dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))  # (B, T, C)
+        branch = None  # each block's MLP output, added to x by the next LayerNorm
         for i, block in enumerate(self.transformer.h):
-            x = block(x, None if cache is None else cache[i], pos)
-        x = self.transformer.ln_f(x)
+            x, branch = block(x, branch, None if cache is None else cache[i], pos)
+        _, x = self.transformer.ln_f.add_and_norm(x, branch)
         return self.lm_head(x)  # (B, T, vocab_size)
 
 
