@@ -1,0 +1,1 @@
+"""fastgpt's benchmarks (`pytest bench/`) and the one-command GPU report."""
