@@ -10,6 +10,7 @@ thing.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator
 
 import torch
@@ -51,5 +52,11 @@ def select(op: str, x: torch.Tensor, reference: Callable, triton: Callable | Non
     if triton is None:
         raise NotImplementedError(
             f"{op} has no Triton kernel yet: select backend 'auto' or 'reference'"
+        )
+    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"{op}: the Triton kernels run on CUDA tensors, got a {x.device.type} tensor; move it to a GPU, "
+            "select backend 'auto' or 'reference', or set TRITON_INTERPRET=1 (before importing kernels) to "
+            "run them in the Triton interpreter"
         )
     return triton

@@ -254,7 +254,7 @@ def test_backend_context_restores_the_previous_backend_on_exception():
     assert kernels.get_backend() == "reference"
 
 
-def test_select_picks_by_backend_and_device():
+def test_select_picks_by_backend_and_device(monkeypatch):
     cpu = torch.zeros(1)
 
     def reference():
@@ -267,9 +267,13 @@ def test_select_picks_by_backend_and_device():
         assert select("op", cpu, reference, triton) is reference  # no CUDA tensor: the reference
         assert select("op", cpu, reference, None) is reference
     with kernels.backend("triton"):
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
         assert select("op", cpu, reference, triton) is triton  # the interpreter on the CPU
         with pytest.raises(NotImplementedError, match="op has no Triton kernel yet"):
             select("op", cpu, reference, None)
+        monkeypatch.delenv("TRITON_INTERPRET")
+        with pytest.raises(ValueError, match="op: the Triton kernels run on CUDA tensors, got a cpu tensor"):
+            select("op", cpu, reference, triton)
     with kernels.backend("reference"):
         assert select("op", cpu, reference, triton) is reference
 

@@ -214,8 +214,10 @@ def train_losses(backend: str, steps: int, compiled: bool = False) -> list[float
     sequence of 40 tokens repeated: learnable, but only with context."""
     import kernels
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter on the CPU
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=11, block_size=16, n_layer=1, n_head=2, n_embd=32, dropout=0.0, bias=True))
+    model = GPT(GPTConfig(vocab_size=11, block_size=16, n_layer=1, n_head=2, n_embd=32, dropout=0.0,
+                          bias=True)).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     step_model = torch.compile(model, fullgraph=True) if compiled else model
     g = torch.Generator().manual_seed(1)
@@ -224,7 +226,7 @@ def train_losses(backend: str, steps: int, compiled: bool = False) -> list[float
     with kernels.backend(backend):
         for _ in range(steps):
             starts = torch.randint(len(text) - 17, (4,), generator=g)
-            idx = torch.stack([text[s:s + 17] for s in starts.tolist()])
+            idx = torch.stack([text[s:s + 17] for s in starts.tolist()]).to(device)
             _, loss = step_model(idx[:, :-1], idx[:, 1:])
             optimizer.zero_grad()
             loss.backward()
