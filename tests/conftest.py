@@ -71,7 +71,8 @@ def check_kernel_error(name: str, actual: torch.Tensor, exact: torch.Tensor, tor
     exact = exact.double()
     error = (actual.double() - exact).abs().max().item() if exact.numel() else 0.0
     torch_error = (torch_lowp.double() - exact).abs().max().item() if exact.numel() else 0.0
-    scale = max(exact.abs().max().item() if exact.numel() else 0.0, 1e-6)
+    # results that are ~0 (the gradient of a query that sees one key) get the floor of a 0.01 scale
+    scale = max(exact.abs().max().item() if exact.numel() else 0.0, 1e-2)
     bound = 2 * torch_error + ERROR_FLOOR[actual.dtype] * scale
     assert error <= bound, (f"{name}: max error {error:.3g} > {bound:.3g} (PyTorch's own {actual.dtype} error "
                             f"{torch_error:.3g}, scale {scale:.3g})")
