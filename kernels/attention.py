@@ -83,8 +83,8 @@ def causal_attention_reference(
 # n > last_row' - W. The loop over key tiles is split at those bounds into masked | unmasked | masked
 # segments. The dK/dV kernel does the same with the roles of rows and keys exchanged.
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) = exp2(x * LOG2E)
+LN2 = tl.constexpr(0.6931471805599453)  # ln(2): log(x) = log2(x) * LN2
 
 
 @triton.jit
@@ -96,23 +96,32 @@ def _dropout_keep(seed, rows, cols, Tk, dropout_p):
 
 @triton.jit
 def _segments(lo, hi, full_lo, full_hi, BLOCK: tl.constexpr):
-    """Split the tiles covering [lo, hi) into [start, a) masked, [a, b) unmasked, [b, hi) masked, where
-    [full_lo, full_hi) (multiples of BLOCK) is the span of tiles that need no mask."""
+    """Tiles covering [lo, hi), given [full_lo, full_hi) (multiples of BLOCK), the span of tiles that need
+    no mask: the masked tiles are [start, a) and [b, hi), the unmasked ones [a, b). Returns start, the
+    number of tiles in [start, a), b, the number of masked tiles, a and the number of unmasked tiles.
+    (The two masked runs share one loop: one inlined copy of the masked tile code, not two.)"""
     start = lo // BLOCK * BLOCK
     a = tl.minimum(tl.maximum(full_lo, start), hi)
     b = tl.minimum(tl.maximum(full_hi, a), hi)
-    return start, a, b
+    n_left = tl.cdiv(a - start, BLOCK)
+    return start, n_left, b, n_left + tl.cdiv(hi - b, BLOCK), a, (b - a) // BLOCK
 
 
 @triton.jit
-def _attention_fwd_tiles(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, offs_m, pos, seed, start, end,
+def _tile_start(i, lo_a, n_a, lo_b, BLOCK: tl.constexpr):
+    """Start of the i-th tile of the runs [lo_a, lo_a + n_a * BLOCK) and then lo_b, lo_b + BLOCK, ..."""
+    return tl.where(i < n_a, lo_a + i * BLOCK, lo_b + (i - n_a) * BLOCK)
+
+
+@triton.jit
+def _attention_fwd_tiles(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, offs_m, pos, seed, lo_a, n_a, lo_b, n_tiles,
                          Tk, window, qk_scale, dropout_p,
                          HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
                          DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
-    """Fold key tiles [start, end) into the running softmax state (acc, l_i, m_i) of the rows in q."""
+    """Fold key tiles (the runs `_tile_start` describes) into the running softmax state (acc, l_i, m_i) of the rows in q."""
     offs_d = tl.arange(0, HEAD_DIM)
-    for start_n in range(start, end, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
+    for i in range(0, n_tiles):
+        offs_n = _tile_start(i, lo_a, n_a, lo_b, BLOCK_N) + tl.arange(0, BLOCK_N)
         col_ok = offs_n < Tk
         if MASKED:
             kt = tl.load(K + offs_n[None, :] * stride_kt + offs_d[:, None], mask=col_ok[None, :], other=0.0)
@@ -187,20 +196,17 @@ def _attention_fwd_kernel(
     hi = last + 1
     full_lo = tl.cdiv(tl.maximum(last - window + 1, 0), BLOCK_N) * BLOCK_N
     full_hi = (first + 1) // BLOCK_N * BLOCK_N
-    start, a, b_ = _segments(lo, hi, full_lo, full_hi, BLOCK_N)
+    start, n_left, b_, n_masked, a, n_full = _segments(lo, hi, full_lo, full_hi, BLOCK_N)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     acc, l_i, m_i = _attention_fwd_tiles(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, offs_m, pos, seed,
-                                         start, a, Tk, window, qk_scale, dropout_p,
+                                         start, n_left, b_, n_masked, Tk, window, qk_scale, dropout_p,
                                          HEAD_DIM, BLOCK_N, True, DROPOUT, PRECISION)
     acc, l_i, m_i = _attention_fwd_tiles(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, offs_m, pos, seed,
-                                         a, b_, Tk, window, qk_scale, dropout_p,
+                                         a, n_full, a, n_full, Tk, window, qk_scale, dropout_p,
                                          HEAD_DIM, BLOCK_N, False, DROPOUT, PRECISION)
-    acc, l_i, m_i = _attention_fwd_tiles(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, offs_m, pos, seed,
-                                         b_, hi, Tk, window, qk_scale, dropout_p,
-                                         HEAD_DIM, BLOCK_N, True, DROPOUT, PRECISION)
     l_i = tl.where(row_ok, l_i, 1.0)  # rows past Tq may have seen no key: keep their (unstored) maths finite
     out = acc / l_i[:, None]
     if DROPOUT:
@@ -243,13 +249,13 @@ def _attention_bwd_preprocess_kernel(
 
 @triton.jit
 def _attention_bwd_dkdv_tiles(dk, dv, k, v, Q, DO, Lse, Delta, stride_qt, stride_dot, offs_n, seed,
-                              start, end, Tq, Tk, window, qk_scale, dropout_p,
+                              lo_a, n_a, lo_b, n_tiles, Tq, Tk, window, qk_scale, dropout_p,
                               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
                               DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
-    """Accumulate the dK, dV contributions of query tiles [start, end) to the key tile (k, v)."""
+    """Accumulate the dK, dV contributions of query tiles (see `_tile_start`) to the key tile (k, v)."""
     offs_d = tl.arange(0, HEAD_DIM)
-    for start_m in range(start, end, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
+    for i in range(0, n_tiles):
+        offs_m = _tile_start(i, lo_a, n_a, lo_b, BLOCK_M) + tl.arange(0, BLOCK_M)
         row_ok = offs_m < Tq
         if MASKED:
             qt = tl.load(Q + offs_m[None, :] * stride_qt + offs_d[:, None], mask=row_ok[None, :], other=0.0)
@@ -332,19 +338,16 @@ def _attention_bwd_dkdv_kernel(
     hi = tl.minimum(last + window - shift, Tq)
     full_lo = tl.cdiv(tl.maximum(last - shift, 0), BLOCK_M) * BLOCK_M
     full_hi = tl.minimum(tl.maximum(start_n - shift + window, 0) // BLOCK_M, Tq // BLOCK_M) * BLOCK_M
-    start, a, b_ = _segments(lo, hi, full_lo, full_hi, BLOCK_M)
+    start, n_left, b_, n_masked, a, n_full = _segments(lo, hi, full_lo, full_hi, BLOCK_M)
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dk, dv = _attention_bwd_dkdv_tiles(dk, dv, k, v, Q, DO, Lse, Delta, stride_qt, stride_dot, offs_n, seed,
-                                       start, a, Tq, Tk, window, qk_scale, dropout_p,
+                                       start, n_left, b_, n_masked, Tq, Tk, window, qk_scale, dropout_p,
                                        HEAD_DIM, BLOCK_M, True, DROPOUT, PRECISION)
     dk, dv = _attention_bwd_dkdv_tiles(dk, dv, k, v, Q, DO, Lse, Delta, stride_qt, stride_dot, offs_n, seed,
-                                       a, b_, Tq, Tk, window, qk_scale, dropout_p,
+                                       a, n_full, a, n_full, Tq, Tk, window, qk_scale, dropout_p,
                                        HEAD_DIM, BLOCK_M, False, DROPOUT, PRECISION)
-    dk, dv = _attention_bwd_dkdv_tiles(dk, dv, k, v, Q, DO, Lse, Delta, stride_qt, stride_dot, offs_n, seed,
-                                       b_, hi, Tq, Tk, window, qk_scale, dropout_p,
-                                       HEAD_DIM, BLOCK_M, True, DROPOUT, PRECISION)
     tl.store(DK + offs_n[:, None] * stride_dkt + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
              mask=col_ok)
     tl.store(DV + offs_n[:, None] * stride_dvt + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=col_ok)
@@ -352,13 +355,13 @@ def _attention_bwd_dkdv_kernel(
 
 @triton.jit
 def _attention_bwd_dq_tiles(dq, q, do, lse, delta, K, V, stride_kt, stride_vt, offs_m, pos, seed,
-                            start, end, Tk, window, qk_scale, dropout_p,
+                            lo_a, n_a, lo_b, n_tiles, Tk, window, qk_scale, dropout_p,
                             HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
                             DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
-    """Accumulate the dQ contributions of key tiles [start, end) to the query tile q."""
+    """Accumulate the dQ contributions of key tiles (see `_tile_start`) to the query tile q."""
     offs_d = tl.arange(0, HEAD_DIM)
-    for start_n in range(start, end, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
+    for i in range(0, n_tiles):
+        offs_n = _tile_start(i, lo_a, n_a, lo_b, BLOCK_N) + tl.arange(0, BLOCK_N)
         col_ok = offs_n < Tk
         if MASKED:
             kt = tl.load(K + offs_n[None, :] * stride_kt + offs_d[:, None], mask=col_ok[None, :], other=0.0)
@@ -430,18 +433,15 @@ def _attention_bwd_dq_kernel(
     hi = last + 1
     full_lo = tl.cdiv(tl.maximum(last - window + 1, 0), BLOCK_N) * BLOCK_N
     full_hi = (first + 1) // BLOCK_N * BLOCK_N
-    start, a, b_ = _segments(lo, hi, full_lo, full_hi, BLOCK_N)
+    start, n_left, b_, n_masked, a, n_full = _segments(lo, hi, full_lo, full_hi, BLOCK_N)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     dq = _attention_bwd_dq_tiles(dq, q, do, lse, delta, K, V, stride_kt, stride_vt, offs_m, pos, seed,
-                                 start, a, Tk, window, qk_scale, dropout_p,
+                                 start, n_left, b_, n_masked, Tk, window, qk_scale, dropout_p,
                                  HEAD_DIM, BLOCK_N, True, DROPOUT, PRECISION)
     dq = _attention_bwd_dq_tiles(dq, q, do, lse, delta, K, V, stride_kt, stride_vt, offs_m, pos, seed,
-                                 a, b_, Tk, window, qk_scale, dropout_p,
+                                 a, n_full, a, n_full, Tk, window, qk_scale, dropout_p,
                                  HEAD_DIM, BLOCK_N, False, DROPOUT, PRECISION)
-    dq = _attention_bwd_dq_tiles(dq, q, do, lse, delta, K, V, stride_kt, stride_vt, offs_m, pos, seed,
-                                 b_, hi, Tk, window, qk_scale, dropout_p,
-                                 HEAD_DIM, BLOCK_N, True, DROPOUT, PRECISION)
     tl.store(DQ + offs_m[:, None] * stride_dqt + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
              mask=row_ok[:, None])
 
@@ -558,7 +558,7 @@ def _forward(q, k, v, seed, dropout_p, window):
     _attention_fwd_kernel[(triton.cdiv(tq, block_m), b * h)](
         q, k, v, out, lse, _seed_arg(seed, q),
         *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-        h, tq, tk, _window(window, tk), LOG2E / math.sqrt(d), dropout_p,
+        h, tq, tk, _window(window, tk), math.log2(math.e) / math.sqrt(d), dropout_p,
         HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, DROPOUT=dropout_p > 0, PRECISION=_precision(q.dtype),
         num_warps=num_warps, num_stages=num_stages,
     )
@@ -581,7 +581,7 @@ def _backward(dout, q, k, v, out, lse, seed, dropout_p, window):
         HEAD_DIM=d, BLOCK_M=block_m, num_warps=num_warps, num_stages=num_stages,
     )
     common = dict(HEAD_DIM=d, DROPOUT=dropout_p > 0, PRECISION=_precision(q.dtype))
-    scalars = (h, tq, tk, _window(window, tk), LOG2E / math.sqrt(d), 1.0 / math.sqrt(d), dropout_p)
+    scalars = (h, tq, tk, _window(window, tk), math.log2(math.e) / math.sqrt(d), 1.0 / math.sqrt(d), dropout_p)
     seed = _seed_arg(seed, q)
     block_m, block_n, num_warps, num_stages = tiles["dkdv"]
     _attention_bwd_dkdv_kernel[(triton.cdiv(tk, block_n), b * h)](
@@ -601,65 +601,44 @@ def _backward(dout, q, k, v, out, lse, seed, dropout_p, window):
 def _dropout_keep_mask(seed: torch.Tensor, b: int, h: int, tq: int, tk: int, dropout_p: float) -> torch.Tensor:
     """(B, H, Tq, Tk) boolean: the keep-mask the kernels draw from `seed` (for tests and debugging)."""
     mask = seed.new_empty((b * h, tq, tk), dtype=torch.int8)
-    _attention_dropout_mask_kernel[(triton.cdiv(tq, 32), triton.cdiv(tk, 32), b * h)](
-        seed, mask, tq, tk, dropout_p, BLOCK_M=32, BLOCK_N=32)
+    _attention_dropout_mask_kernel[(triton.cdiv(tq, 64), triton.cdiv(tk, 64), b * h)](
+        seed, mask, tq, tk, dropout_p, BLOCK_M=64, BLOCK_N=64)
     return mask.view(b, h, tq, tk).bool()
+
+
+def _aot_spec(fn, dtype: str, constexprs: dict, tile: tuple[int, int, int, int], tags: dict) -> dict:
+    """One tests/aot.py spec: `fn` with `dtype` tensors, the given compile-time arguments and tile."""
+    block_m, block_n, num_warps, num_stages = tile
+    constexprs = {**constexprs, "BLOCK_M": block_m, **({"BLOCK_N": block_n} if "BLOCK_N" in fn.arg_names else {})}
+    types = {"Lse": "*fp32", "Delta": "*fp32", "Seed": "*i64", "Mask": "*i8", "qk_scale": "fp32",
+             "sm_scale": "fp32", "dropout_p": "fp32", "H": "i32", "Tq": "i32", "Tk": "i32", "window": "i32"}
+    signature = {name: "constexpr" if name in constexprs else "i32" if name.startswith("stride_")
+                 else types.get(name, f"*{dtype}") for name in fn.arg_names}
+    return {"fn": fn, "signature": signature, "constexprs": constexprs, "num_warps": num_warps,
+            "num_stages": num_stages, "tags": {"dtype": dtype, **tags},
+            # what the JIT sees for the model's tensors: every stride a multiple of 16 elements
+            "divisible": [name for name in fn.arg_names if name.startswith("stride_")]}
 
 
 def aot_specs():
     """Every configuration the launchers may compile: head_dim 16..128 x fp16/bf16/fp32, with and
-    without dropout, the forward for training (Tq > 16) and decoding (Tq <= 16) tiles."""
-    def strides(*names):
-        return {f"stride_{n}{axis}": "i32" for n in names for axis in ("b", "h", "t")}
-
+    without dropout; the forward also with decoding tiles (Tq <= 16; Tq = 1, which the JIT turns into a
+    constant, for a generation step), which run without dropout in eval mode."""
     for d in HEAD_DIMS:
         for dtype, name in _DTYPES.items():
-            ptr = f"*{name}"
-            for regime, tq in (("train", 256), ("decode", 1)):
-                tiles = _tiles(d, dtype, tq)
-                for dropout in (False, True):
-                    tags = {"head_dim": d, "dtype": name, "dropout": dropout}
-                    if regime == "decode":
-                        if dropout:
-                            continue  # a decoding step runs in eval mode; (training at Tq <= 16 would too)
-                    block_m, block_n, num_warps, num_stages = tiles["fwd"]
-                    yield {
-                        "fn": _attention_fwd_kernel,
-                        "signature": {"Q": ptr, "K": ptr, "V": ptr, "Out": ptr, "Lse": "*fp32", "Seed": "*i64",
-                                      **strides("q", "k", "v", "o"), "H": "i32", "Tq": "i32", "Tk": "i32",
-                                      "window": "i32", "qk_scale": "fp32", "dropout_p": "fp32",
-                                      "HEAD_DIM": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
-                                      "DROPOUT": "constexpr", "PRECISION": "constexpr"},
-                        "constexprs": {"HEAD_DIM": d, "BLOCK_M": block_m, "BLOCK_N": block_n,
-                                       "DROPOUT": dropout, "PRECISION": _precision(dtype)},
-                        "num_warps": num_warps, "num_stages": num_stages, "tags": {**tags, "regime": regime},
-                    }
-                    if regime == "decode":
-                        continue
-                    for fn, key, grad in ((_attention_bwd_dkdv_kernel, "dkdv", ("dk", "dv")),
-                                          (_attention_bwd_dq_kernel, "dq", ("dq",))):
-                        block_m, block_n, num_warps, num_stages = tiles[key]
-                        outputs = {g.upper(): ptr for g in grad}
-                        yield {
-                            "fn": fn,
-                            "signature": {"Q": ptr, "DO": ptr, "K": ptr, "V": ptr, "Lse": "*fp32",
-                                          "Delta": "*fp32", **outputs, "Seed": "*i64",
-                                          **strides("q", "do", "k", "v", *grad), "H": "i32", "Tq": "i32",
-                                          "Tk": "i32", "window": "i32", "qk_scale": "fp32", "sm_scale": "fp32",
-                                          "dropout_p": "fp32", "HEAD_DIM": "constexpr", "BLOCK_M": "constexpr",
-                                          "BLOCK_N": "constexpr", "DROPOUT": "constexpr", "PRECISION": "constexpr"},
-                            "constexprs": {"HEAD_DIM": d, "BLOCK_M": block_m, "BLOCK_N": block_n,
-                                           "DROPOUT": dropout, "PRECISION": _precision(dtype)},
-                            "num_warps": num_warps, "num_stages": num_stages, "tags": tags,
-                        }
-            block_m, _, num_warps, num_stages = _tiles(d, dtype, 256)["preprocess"]
-            yield {
-                "fn": _attention_bwd_preprocess_kernel,
-                "signature": {"Out": ptr, "DO": ptr, "Delta": "*fp32", **strides("o", "do"), "H": "i32",
-                              "Tq": "i32", "HEAD_DIM": "constexpr", "BLOCK_M": "constexpr"},
-                "constexprs": {"HEAD_DIM": d, "BLOCK_M": block_m},
-                "num_warps": num_warps, "num_stages": num_stages, "tags": {"head_dim": d, "dtype": name},
-            }
+            train, decode = _tiles(d, dtype, 256), _tiles(d, dtype, 1)
+            common = {"HEAD_DIM": d, "PRECISION": _precision(dtype)}
+            for dropout in (False, True):
+                tags = {"head_dim": d, "dropout": dropout}
+                flags = {**common, "DROPOUT": dropout}
+                yield _aot_spec(_attention_fwd_kernel, name, flags, train["fwd"], {**tags, "regime": "train"})
+                yield _aot_spec(_attention_bwd_dkdv_kernel, name, flags, train["dkdv"], tags)
+                yield _aot_spec(_attention_bwd_dq_kernel, name, flags, train["dq"], tags)
+            yield _aot_spec(_attention_fwd_kernel, name, {**common, "DROPOUT": False, "Tq": 1}, decode["fwd"],
+                            {"head_dim": d, "dropout": False, "regime": "decode"})
+            yield _aot_spec(_attention_bwd_preprocess_kernel, name, {"HEAD_DIM": d}, train["preprocess"],
+                            {"head_dim": d})
+    yield _aot_spec(_attention_dropout_mask_kernel, "i8", {}, (64, 64, 4, 1), {"head_dim": 0, "debug": True})
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,0 +1,323 @@
+"""The Triton flash-attention kernels (kernels/attention.py) against the reference in fp64: output and
+every gradient, ragged lengths, every head_dim, sliding windows, decoding (Tq < Tk), strided q/k/v from
+the fused qkv projection, determinism, dropout, the custom ops under opcheck and torch.compile, input
+checks, and ahead-of-time compilation for sm_90/sm_80.
+
+On a machine without CUDA the kernels run in the Triton interpreter (tests/conftest.py), which computes
+bf16 wrongly: bf16 numerics are only tested on a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import kernels
+from fastgpt.model import CausalSelfAttention, GPTConfig, KVCache
+from kernels import attention
+from kernels.attention import HEAD_DIMS, causal_attention_reference, causal_mask
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def triton_backend():
+    """Every test runs the Triton kernels (the interpreter on the CPU) and restores the backend."""
+    with kernels.backend("triton"):
+        yield
+
+
+def qkv(b, h, tq, tk, d, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(b, h, t, d, generator=g, dtype=torch.float64).to(DEVICE, dtype).requires_grad_()
+                 for t in (tq, tk, tk))
+
+
+def out_and_grads(fn, q, k, v, dout):
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out = fn(q, k, v)
+    return (out, *torch.autograd.grad(out, (q, k, v), dout.to(out.device, out.dtype)))
+
+
+def assert_accurate(kernel_error, q, k, v, window=None):
+    """out, dq, dk, dv of the Triton path against the fp64 reference, under the kernels' accuracy rule
+    (tests/conftest.py: at most twice PyTorch's own error in the same dtype, plus a floor)."""
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    got = out_and_grads(lambda q, k, v: kernels.causal_attention(q, k, v, 0.0, window), q, k, v, dout)
+    with kernels.backend("reference"):
+        exact = out_and_grads(lambda q, k, v: causal_attention_reference(q, k, v, 0.0, window),
+                              q.double(), k.double(), v.double(), dout)
+        same_dtype = out_and_grads(lambda q, k, v: causal_attention_reference(q, k, v, 0.0, window), q, k, v, dout)
+    for name, g, e, t in zip(("out", "dq", "dk", "dv"), got, exact, same_dtype):
+        assert g.dtype == q.dtype, name
+        if not e.abs().max() > 0:  # exactly zero (dq, dk of a single key): only fp32 rounding is left
+            assert g.abs().max() <= 1e-5, name
+        else:
+            kernel_error(name, g, e, t)
+
+
+# ---------------------------------------------------------------------------------------------------
+# numerics against the reference
+
+# (T, head_dim, window): every T and every head_dim; windows cutting single tiles (1, 3), spanning a
+# few (17, 50, 100) and one as long as T (the same as none)
+CASES = [
+    (1, 16, None), (7, 32, None), (7, 16, 3), (64, 64, None), (64, 32, 1), (65, 128, None), (65, 64, 17),
+    (127, 16, None), (127, 64, 50), (256, 64, None), (256, 32, 256), (300, 32, None), (300, 64, 100),
+    (300, 128, 17),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("t, d, window", CASES)
+def test_matches_reference(t, d, window, dtype, kernel_error):
+    assert_accurate(kernel_error, *qkv(1, 2 if t < 128 else 1, t, t, d, dtype), window)
+
+
+# decoding and chunked prefill: the queries are the last Tq of Tk positions (causal mask bottom-right)
+@pytest.mark.parametrize("tq, tk, d, window", [
+    (1, 1, 64, None), (1, 65, 64, None), (1, 300, 32, None), (1, 300, 64, 100), (5, 127, 16, 7),
+    (20, 300, 32, 17), (64, 127, 64, None), (100, 256, 128, 64),
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fewer_queries_than_keys(tq, tk, d, window, dtype, kernel_error):
+    assert_accurate(kernel_error, *qkv(1, 2, tq, tk, d, dtype), window)
+
+
+def test_lse_is_the_log_sum_exp_of_the_masked_scores():
+    q, k, v = (t.detach() for t in qkv(1, 2, 70, 130, 32, torch.float32))
+    _, lse = attention._causal_attention_fwd(q, k, v, None, 0.0, 40)
+    scores = (q.double() @ k.double().transpose(-2, -1)) / math.sqrt(32)
+    scores = scores.masked_fill(~causal_mask(70, 130, 40, q.device), float("-inf"))
+    assert lse.dtype == torch.float32
+    torch.testing.assert_close(lse.double(), torch.logsumexp(scores, dim=-1), atol=1e-5, rtol=1e-6)
+
+
+def test_fused_qkv_views_are_read_in_place():
+    """q, k, v as the model makes them: views of one (B, T, 3C) projection, strided, never copied."""
+    b, t, h, d = 2, 70, 2, 32
+    x = torch.randn(b, t, 3 * h * d, dtype=torch.float32, device=DEVICE, requires_grad=True)
+    q, k, v = (y.view(b, t, h, d).transpose(1, 2) for y in x.split(h * d, dim=2))  # (B, H, T, D)
+    assert not q.is_contiguous() and q.stride(-1) == 1
+
+    seen = []
+    original = attention._unit_stride
+    attention._unit_stride = lambda t: seen.append(t.data_ptr()) or original(t)
+    try:
+        out = kernels.causal_attention(q, k, v, 0.0, 20)
+    finally:
+        attention._unit_stride = original
+    assert seen == [q.data_ptr(), k.data_ptr(), v.data_ptr()]
+    (out * out).sum().backward()
+    got = (out, *x.grad.split(h * d, dim=2))
+    want = causal_attention_reference(q.double(), k.double(), v.double(), 0.0, 20)
+    x.grad = None
+    (want * want).sum().backward()
+    want = (want, *x.grad.split(h * d, dim=2))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w.double(), atol=1e-4, rtol=1e-4)
+    # and the same bits as on contiguous copies: the strides are honoured, not approximated
+    copies = kernels.causal_attention(q.contiguous(), k.contiguous(), v.contiguous(), 0.0, 20)
+    assert torch.equal(out, copies)
+    # the output is laid out (B, T, H, D): the model's transpose back to (B, T, C) needs no copy
+    assert out.transpose(1, 2).is_contiguous()
+
+
+def test_head_dim_without_unit_stride_is_copied():
+    q, k, v = (t.detach().transpose(-2, -1).contiguous().transpose(-2, -1) for t in qkv(1, 2, 33, 33, 16,
+                                                                                          torch.float32))
+    assert q.stride(-1) != 1
+    torch.testing.assert_close(kernels.causal_attention(q, k, v),
+                               causal_attention_reference(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+def test_deterministic():
+    """No atomics: two runs give the same bits, forward and backward."""
+    q, k, v = qkv(1, 2, 130, 130, 32, torch.float16)
+
+    def run():
+        out = kernels.causal_attention(q, k, v, 0.0, 50)
+        return (out, *torch.autograd.grad(out.float().square().sum(), (q, k, v)))
+
+    for a, b in zip(run(), run()):
+        assert torch.equal(a, b)
+
+
+def test_model_attention_layer_and_kv_cache():
+    """CausalSelfAttention on the Triton kernel: the full pass matches the reference's, and decoding
+    one position at a time through the KV cache reproduces it."""
+    config = GPTConfig(block_size=40, n_layer=1, n_head=2, n_embd=64, dropout=0.0, attn_window=9)
+    torch.manual_seed(0)
+    layer = CausalSelfAttention(config).to(DEVICE)
+    x = torch.randn(2, 40, 64, device=DEVICE)
+    full = layer(x)
+    with kernels.backend("reference"):
+        torch.testing.assert_close(full, layer(x), atol=1e-5, rtol=1e-5)
+    cache = KVCache(config.block_size)
+    steps = [layer(x[:, :30], cache, 0)] + [layer(x[:, p:p + 1], cache, p) for p in range(30, 40)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# dropout
+
+
+def explicit_dropout_attention(q, k, v, keep, p, window):
+    """softmax(masked S) * keep / (1 - p) @ v, spelled out in fp64: SDPA's dropout with a given mask."""
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))
+    scores = scores.masked_fill(~causal_mask(q.size(-2), k.size(-2), window, q.device), float("-inf"))
+    return (torch.softmax(scores, dim=-1) * keep / (1 - p)) @ v
+
+
+@pytest.mark.parametrize("tq, tk, d, window", [(65, 65, 32, None), (130, 130, 16, 40), (20, 150, 64, None)])
+def test_dropout_applies_the_mask_it_reports_forward_and_backward(tq, tk, d, window, kernel_error):
+    p = 0.3
+    q, k, v = qkv(2, 2, tq, tk, d, torch.float32)
+    seed = torch.tensor([1234567], dtype=torch.int64, device=DEVICE)
+    keep = attention._dropout_keep_mask(seed, 2, 2, tq, tk, p)
+    assert keep.shape == (2, 2, tq, tk)
+    assert not torch.equal(keep[0, 0], keep[0, 1]) and not torch.equal(keep[0, 0], keep[1, 0])  # per head
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    # the backward regenerates the mask from the seed: all four agree with the mask only if it does
+    got = out_and_grads(lambda q, k, v: attention._causal_attention_fwd(q, k, v, seed, p, window)[0], q, k, v, dout)
+    explicit = lambda q, k, v: explicit_dropout_attention(q, k, v, keep.to(q.dtype), p, window)  # noqa: E731
+    exact = out_and_grads(explicit, q.double(), k.double(), v.double(), dout)
+    same_dtype = out_and_grads(explicit, q, k, v, dout)
+    for name, g, e, t in zip(("out", "dq", "dk", "dv"), got, exact, same_dtype):
+        kernel_error(name, g, e, t)
+
+
+def test_dropout_keep_rate_and_seeds():
+    p = 0.2
+    seed = torch.tensor([99], dtype=torch.int64, device=DEVICE)
+    keep = attention._dropout_keep_mask(seed, 1, 2, 256, 256, p).float()
+    # 131072 Bernoulli(0.8) draws: the rate's standard error is 1.1e-3, so 6e-3 is > 5 sigma
+    assert abs(keep.mean().item() - (1 - p)) < 6e-3
+    for h in (0, 1):  # each head on its own, and no pattern between halves of the rows or columns
+        assert abs(keep[0, h].mean().item() - (1 - p)) < 8e-3
+        assert abs(keep[0, h, :, :128].mean().item() - keep[0, h, :, 128:].mean().item()) < 1.2e-2
+        assert abs(keep[0, h, :128].mean().item() - keep[0, h, 128:].mean().item()) < 1.2e-2
+    assert abs((keep[0, 0] == keep[0, 1]).float().mean().item() - (0.8**2 + 0.2**2)) < 1.2e-2  # independent
+    assert torch.equal(attention._dropout_keep_mask(seed, 1, 2, 256, 256, p).float(), keep)
+    other = attention._dropout_keep_mask(seed + 1, 1, 2, 256, 256, p).float()
+    assert abs((keep == other).float().mean().item() - (0.8**2 + 0.2**2)) < 8e-3
+
+
+def test_dropout_is_unbiased():
+    """Uniform attention (q = 0) over values of 1: every row's output has expectation exactly 1."""
+    b, h, t, d, p = 1, 2, 256, 16, 0.3
+    q = torch.zeros(b, h, t, d, device=DEVICE)
+    v = torch.ones(b, h, t, d, device=DEVICE)
+    torch.manual_seed(0)
+    out = kernels.causal_attention(q, q, v, dropout_p=p)
+    # row i averages i+1 kept-or-not draws scaled by 1/(1-p): variance p/((1-p)(i+1)); the mean over
+    # rows and heads has a standard deviation of ~0.005 (a missing rescale gives 0.7, a normaliser over
+    # the kept probabilities only gives 1/(1-p) = 1.43)
+    assert abs(out[..., 0].mean().item() - 1.0) < 0.03
+    assert (out[..., 0] == 0).any() and (out[..., 0] > 1).any()
+
+
+def test_dropout_follows_torch_manual_seed():
+    q, k, v = (t.detach() for t in qkv(1, 2, 40, 40, 16, torch.float32))
+    torch.manual_seed(5)
+    a = kernels.causal_attention(q, k, v, dropout_p=0.5)
+    torch.manual_seed(5)
+    b = kernels.causal_attention(q, k, v, dropout_p=0.5)
+    c = kernels.causal_attention(q, k, v, dropout_p=0.5)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the custom ops
+
+
+def test_opcheck():
+    q, k, v = qkv(1, 2, 20, 33, 16, torch.float32)
+    seed = torch.tensor([7], dtype=torch.int64, device=DEVICE)
+    for args in ((q, k, v, None, 0.0, None), (q, k, v, seed, 0.25, 9)):
+        torch.library.opcheck(attention._causal_attention_fwd, args)
+    out, lse = attention._causal_attention_fwd(q, k, v, seed, 0.25, 9)
+    torch.library.opcheck(attention._causal_attention_bwd,
+                          (torch.randn_like(out), *(t.detach() for t in (q, k, v, out, lse)), seed, 0.25, 9))
+
+
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    q, k, v = qkv(1, 2, 24, 24, 16, torch.float32)
+
+    def f(q, k, v):
+        return kernels.causal_attention(q, k, v, 0.0, 10).square().sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    loss = compiled(q, k, v)
+    grads = torch.autograd.grad(loss, (q, k, v))
+    want = f(q, k, v)
+    want_grads = torch.autograd.grad(want, (q, k, v))
+    assert torch.equal(loss, want)
+    for g, w in zip(grads, want_grads):
+        assert torch.equal(g, w)
+    torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------------------------------------------
+# input checks
+
+
+@pytest.mark.parametrize("dtypes, message", [
+    ((torch.float64,) * 3, r"takes float16, bfloat16 or float32, got q in torch.float64"),
+    ((torch.float32, torch.float32, torch.int32), r"takes float16, bfloat16 or float32, got v in torch.int32"),
+    ((torch.float32, torch.float16, torch.float16), r"q, k and v must share a dtype"),
+])
+def test_rejects_dtypes(dtypes, message):
+    q, k, v = (torch.zeros(1, 1, 4, 16, dtype=dt, device=DEVICE) for dt in dtypes)
+    with pytest.raises(ValueError, match=f"causal_attention: .*{message}"):
+        kernels.causal_attention(q, k, v)
+
+
+@pytest.mark.parametrize("d", [8, 24, 96, 256])
+def test_rejects_head_dims(d):
+    q = torch.zeros(1, 1, 4, d, device=DEVICE)
+    with pytest.raises(ValueError, match=rf"supports head_dim in 16, 32, 64, 128, got {d}"):
+        kernels.causal_attention(q, q, q)
+
+
+def test_rejects_cpu_tensors_without_the_interpreter(monkeypatch):
+    monkeypatch.setattr(attention, "_INTERPRETED", False)
+    q = torch.zeros(1, 1, 4, 16)
+    with pytest.raises(ValueError, match=r"runs on CUDA tensors .* got tensors on cpu"):
+        kernels.causal_attention(q, q, q)
+
+
+def test_rejects_mixed_devices_and_oversized_dropout(monkeypatch):
+    monkeypatch.setattr(attention, "_INTERPRETED", True)  # let meta tensors through to the later checks
+    q = torch.zeros(1, 1, 4, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="must be on one device"):
+        kernels.causal_attention(q, q, q.to("meta"))
+    big = torch.empty(1, 1, 50000, 16, device="meta")
+    with pytest.raises(ValueError, match=r"dropout in the Triton kernel needs Tq \* Tk < 2\*\*31"):
+        kernels.causal_attention(big, big, big, dropout_p=0.1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# ahead-of-time compilation for the GPUs
+
+
+def test_aot(aot_compile):
+    rows = aot_compile("kernels.attention")
+    errors = [r for r in rows if "error" in r]
+    assert not errors, errors[:3]
+    for r in rows:
+        assert r["shared"] <= r["shared_limit"], r
+    kinds = {(r["kernel"], r["arch"], r["head_dim"], r["dtype"]) for r in rows}
+    for kernel in ("_attention_fwd_kernel", "_attention_bwd_preprocess_kernel", "_attention_bwd_dkdv_kernel",
+                   "_attention_bwd_dq_kernel"):
+        for arch in (90, 80):
+            for d in HEAD_DIMS:
+                for dtype in ("fp16", "bf16"):
+                    assert (kernel, arch, d, dtype) in kinds
+    # the presets' head dims (cpu: 32, shakespeare_char: 64) run without register spills
+    spilling = [r for r in rows if r["head_dim"] in (32, 64) and r["dtype"] != "fp32" and r["spills"]]
+    assert not spilling, spilling
