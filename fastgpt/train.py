@@ -332,8 +332,10 @@ def train(cfg: TrainConfig, given: set[str], ckpt: dict | None, world: World) ->
                 last_log_iter, last_log_time = iter_num, time.perf_counter()  # eval is not training time
             if iter_num >= cfg.max_iters:
                 break
+            # Under torchrun the ranks agree on stopping through a collective, which waits for the
+            # device: it runs at log intervals only, where the loop synchronises anyway.
             signum = stop.signum or 0
-            if world.any(signum != 0):
+            if (world.size == 1 or iter_num % cfg.log_interval == 0) and world.any(signum != 0):
                 check_finite(last_log_iter)
                 save(full=True)
                 log(f"stopped at iter {iter_num}; saved {ckpt_path}: continue with --resume --out_dir={out_dir}")
