@@ -38,7 +38,6 @@ are copied.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
@@ -467,26 +466,31 @@ def _attention_dropout_mask_kernel(
 
 _DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 HEAD_DIMS = (16, 32, 64, 128)
-DECODE_ROWS = 16  # Tq up to this (KV-cached generation) runs the forward with 16-row query tiles
-# @triton.jit reads TRITON_INTERPRET when it decorates a kernel: the kernels above run on CPU tensors iff set
-_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+DECODE_ROWS = 16  # Tq up to this without dropout (KV-cached generation): 16-row query tiles
 
 
-def _tiles(head_dim: int, dtype: torch.dtype, tq: int) -> dict[str, tuple[int, int, int, int]]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of each kernel for this head_dim, dtype and query length.
+def _tiles(head_dim: int, dtype: torch.dtype, decode: bool = False) -> dict[str, tuple[int, int, int, int]]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of each kernel for this head_dim and dtype; `decode`:
+    the forward of a generation step (Tq <= DECODE_ROWS, no dropout).
 
-    16-bit: 128 x 64 forward tiles (FA2's; the query tile, its fp32 accumulator and one K/V tile stay on
-    chip), 16-row query tiles for decoding; the backward kernels keep two fp32 accumulators of their
-    tile, so they take 64-row tiles and stream 32..64-row tiles past them. head_dim 128 doubles the
-    warps rather than halving the tiles. fp32 inputs halve the tiles (twice the bytes, no tensor-core
-    shortcut). Every combination is compiled for sm_90 and sm_80 by `aot_specs` (tests/aot.py).
+    16-bit, as FlashAttention-2 and the Triton tutorial tile it: the forward streams 64-key tiles past
+    128-query tiles (8 warps, 3-stage K/V pipeline); dK/dV streams 32-query tiles past 128 keys and dQ
+    32-key tiles past 128 queries, each program holding its fp32 accumulators. head_dim 128 halves the
+    streamed (forward) or the held (backward) tile to stay within the registers. A decoding step
+    (Tq <= 16 queries) runs the forward with 16-query tiles instead of wasting 7/8 of a 128-row tile.
+    fp32 inputs (exact "ieee" products on CUDA cores, no tensor cores) take 32 x 32 tiles.
+    These are the tiles that compile without register spills at head_dim 32 and 64 (the presets') on
+    sm_90 and sm_80 (`aot_specs`, tests/aot.py); they are not tuned on a GPU.
     """
     warps = 8 if head_dim == 128 else 4
     if dtype == torch.float32:
-        fwd = (16 if tq <= DECODE_ROWS else 64, 32, warps, 2)
+        fwd = (16 if decode else 32, 32, warps, 2)
         return {"fwd": fwd, "preprocess": (64, 0, 4, 1), "dkdv": (32, 32, warps, 2), "dq": (32, 32, warps, 2)}
-    fwd = (16 if tq <= DECODE_ROWS else 128, 64, warps, 3)
-    return {"fwd": fwd, "preprocess": (64, 0, 4, 1), "dkdv": (32, 64, warps, 3), "dq": (64, 32, warps, 3)}
+    if head_dim == 128:
+        fwd, dkdv, dq = (128, 32, 8, 3), (32, 64, 8, 3), (64, 32, 8, 3)
+    else:
+        fwd, dkdv, dq = (128, 64, 8, 3), (32, 128, 8, 3), (128, 32, 8, 3)
+    return {"fwd": (16, 64, 4, 3) if decode else fwd, "preprocess": (64, 0, 4, 1), "dkdv": dkdv, "dq": dq}
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -495,7 +499,7 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> None:
-    """What the Triton path needs beyond the public entry's shape checks."""
+    """What the Triton path needs beyond the public entry's shape checks (and `select`'s device check)."""
     for label, t in (("q", q), ("k", k), ("v", v)):
         if t.dtype not in _DTYPES:
             raise ValueError(f"causal_attention: the Triton kernel takes float16, bfloat16 or float32, got "
@@ -506,9 +510,6 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) 
         if t.device != q.device:
             raise ValueError(f"causal_attention: q, k and v must be on one device, got q on {q.device} and "
                              f"{label} on {t.device}")
-    if q.device.type != "cuda" and not _INTERPRETED:
-        raise ValueError(f"causal_attention: the Triton kernel runs on CUDA tensors (or under "
-                         f"TRITON_INTERPRET=1), got tensors on {q.device}; use kernels.set_backend('auto')")
     if q.size(-1) not in HEAD_DIMS:
         raise ValueError(f"causal_attention: the Triton kernel supports head_dim in "
                          f"{', '.join(map(str, HEAD_DIMS))}, got {q.size(-1)}; choose n_embd / n_head "
@@ -554,7 +555,8 @@ def _forward(q, k, v, seed, dropout_p, window):
     lse = q.new_empty((b, h, tq), dtype=torch.float32)
     if out.numel() == 0:
         return out, lse
-    block_m, block_n, num_warps, num_stages = _tiles(d, q.dtype, tq)["fwd"]
+    decode = tq <= DECODE_ROWS and dropout_p == 0
+    block_m, block_n, num_warps, num_stages = _tiles(d, q.dtype, decode)["fwd"]
     _attention_fwd_kernel[(triton.cdiv(tq, block_m), b * h)](
         q, k, v, out, lse, _seed_arg(seed, q),
         *_strides(q), *_strides(k), *_strides(v), *_strides(out),
@@ -573,7 +575,7 @@ def _backward(dout, q, k, v, out, lse, seed, dropout_p, window):
     dq, dk, dv = _empty_bthd(q, tq), _empty_bthd(k, tk), _empty_bthd(v, tk)
     if b * h * tq == 0:
         return dq, dk.zero_(), dv.zero_()
-    tiles = _tiles(d, q.dtype, tq)
+    tiles = _tiles(d, q.dtype)
     delta = torch.empty_like(lse)
     block_m, _, num_warps, num_stages = tiles["preprocess"]
     _attention_bwd_preprocess_kernel[(triton.cdiv(tq, block_m), b * h)](
@@ -622,11 +624,11 @@ def _aot_spec(fn, dtype: str, constexprs: dict, tile: tuple[int, int, int, int],
 
 def aot_specs():
     """Every configuration the launchers may compile: head_dim 16..128 x fp16/bf16/fp32, with and
-    without dropout; the forward also with decoding tiles (Tq <= 16; Tq = 1, which the JIT turns into a
-    constant, for a generation step), which run without dropout in eval mode."""
+    without dropout; the forward also with decoding tiles (no dropout; Tq = 1, which the JIT turns into
+    a constant, for a generation step)."""
     for d in HEAD_DIMS:
         for dtype, name in _DTYPES.items():
-            train, decode = _tiles(d, dtype, 256), _tiles(d, dtype, 1)
+            train, decode = _tiles(d, dtype), _tiles(d, dtype, decode=True)
             common = {"HEAD_DIM": d, "PRECISION": _precision(dtype)}
             for dropout in (False, True):
                 tags = {"head_dim": d, "dropout": dropout}

@@ -53,8 +53,10 @@ def assert_accurate(kernel_error, q, k, v, window=None):
         same_dtype = out_and_grads(lambda q, k, v: causal_attention_reference(q, k, v, 0.0, window), q, k, v, dout)
     for name, g, e, t in zip(("out", "dq", "dk", "dv"), got, exact, same_dtype):
         assert g.dtype == q.dtype, name
-        if not e.abs().max() > 0:  # exactly zero (dq, dk of a single key): only fp32 rounding is left
-            assert g.abs().max() <= 1e-5, name
+        if e.abs().max() < 1e-12:
+            # dq, dk of queries that see a single key are 0 (to fp64 rounding); the kernel gets P * (dP - delta), a
+            # cancellation of two O(1) fp32 sums (one a matmul, one a row sum): a few fp32 roundings
+            assert g.abs().max() <= 1e-5, f"{name}: {g.abs().max()} where exactly 0"
         else:
             kernel_error(name, g, e, t)
 
@@ -284,21 +286,13 @@ def test_rejects_head_dims(d):
         kernels.causal_attention(q, q, q)
 
 
-def test_rejects_cpu_tensors_without_the_interpreter(monkeypatch):
-    monkeypatch.setattr(attention, "_INTERPRETED", False)
-    q = torch.zeros(1, 1, 4, 16)
-    with pytest.raises(ValueError, match=r"runs on CUDA tensors .* got tensors on cpu"):
-        kernels.causal_attention(q, q, q)
-
-
-def test_rejects_mixed_devices_and_oversized_dropout(monkeypatch):
-    monkeypatch.setattr(attention, "_INTERPRETED", True)  # let meta tensors through to the later checks
+def test_rejects_mixed_devices_and_oversized_dropout():
     q = torch.zeros(1, 1, 4, 16, device=DEVICE)
-    with pytest.raises(ValueError, match="must be on one device"):
+    with pytest.raises(ValueError, match="causal_attention: q, k and v must be on one device"):
         kernels.causal_attention(q, q, q.to("meta"))
     big = torch.empty(1, 1, 50000, 16, device="meta")
-    with pytest.raises(ValueError, match=r"dropout in the Triton kernel needs Tq \* Tk < 2\*\*31"):
-        kernels.causal_attention(big, big, big, dropout_p=0.1)
+    with pytest.raises(ValueError, match=r"dropout in the Triton kernel needs Tq \* Tk < 2\*\*31, got 50000 x 50000"):
+        attention.causal_attention_triton(big, big, big, dropout_p=0.1)
 
 
 # ---------------------------------------------------------------------------------------------------
