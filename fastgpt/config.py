@@ -89,6 +89,7 @@ class TrainConfig:
     attn_window: int | None = None  # sliding attention window (None = full causal)
     learning_rate: float = 1e-3  # peak learning rate
     max_iters: int = 5000  # total optimizer steps
+    target_val_loss: float | None = None  # stop at the first evaluation whose val loss is at or below this
     weight_decay: float = 0.1  # AdamW weight decay on >= 2-D weights
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.99  # AdamW beta2

@@ -296,6 +296,32 @@ def train(cfg: TrainConfig, given: set[str], ckpt: dict | None, world: World) ->
         if world.master:
             save_checkpoint(ckpt_path if full else out_dir / "best.pt", payload)
 
+    def synchronize() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def compile_graphs() -> float:
+        """Compile the training and the evaluation graphs on a throwaway batch before the clock starts,
+        so training times are steady-state times; the run is left exactly as it was (no optimizer step,
+        gradients cleared, RNG states restored, the batch drawn from a generator of its own).
+        Returns the seconds it took."""
+        started = time.perf_counter()
+        rng = torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        x, y = train_batches.next(torch.Generator(device=device).manual_seed(0))
+        with autocast:
+            _, loss = model(x, y)
+        loss.backward()
+        optimizer.zero_grad(set_to_none=True)
+        core.eval()
+        with torch.no_grad(), autocast:
+            core(x, y)
+        core.train()
+        torch.set_rng_state(rng[0])
+        if rng[1] is not None:
+            torch.cuda.set_rng_state(rng[1], device)
+        synchronize()
+        return time.perf_counter() - started
+
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # checked at syncs, not every step
 
     def check_finite(since: int) -> None:
@@ -309,6 +335,13 @@ def train(cfg: TrainConfig, given: set[str], ckpt: dict | None, world: World) ->
     # -------------------------------------------------------------------------------------------------
     # the training loop
     model.train()
+    compile_seconds = 0.0
+    if use_compile:
+        compile_seconds = compile_graphs()
+        log(f"compiled in {compile_seconds:.1f} s (before the clock starts)")
+    clock_start = time.perf_counter()
+    eval_seconds = 0.0  # evaluation time, kept apart from training time
+    target_iter = None
     last_log_iter, last_log_time = iter_num, time.perf_counter()
     start_iter = iter_num
     if ckpt is not None and iter_num >= cfg.max_iters:
@@ -322,6 +355,8 @@ def train(cfg: TrainConfig, given: set[str], ckpt: dict | None, world: World) ->
             evaluate_now = iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters
             if evaluate_now and not (ckpt is not None and iter_num == start_iter):
                 check_finite(last_log_iter)
+                synchronize()
+                eval_start = time.perf_counter()
                 losses = evaluate()
                 log(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
                 record(iter=iter_num, train_loss=losses["train"], val_loss=losses["val"])
@@ -330,6 +365,10 @@ def train(cfg: TrainConfig, given: set[str], ckpt: dict | None, world: World) ->
                     save(full=False)
                 save(full=True)
                 last_log_iter, last_log_time = iter_num, time.perf_counter()  # eval is not training time
+                eval_seconds += last_log_time - eval_start
+                if cfg.target_val_loss is not None and losses["val"] <= cfg.target_val_loss:
+                    target_iter = iter_num
+                    break
             if iter_num >= cfg.max_iters:
                 break
             # Under torchrun the ranks agree on stopping through a collective, which waits for the
@@ -360,11 +399,23 @@ def train(cfg: TrainConfig, given: set[str], ckpt: dict | None, world: World) ->
                 record(iter=iter_num, loss=loss_value, lr=lr, grad_norm=norm_value, ms_per_iter=ms,
                        tokens_per_sec=tokens_per_sec, mfu=mfu)
                 last_log_iter, last_log_time = iter_num, now
+    synchronize()
+    wall_seconds = time.perf_counter() - clock_start
+    train_seconds = wall_seconds - eval_seconds
+    record(summary=True, iter=iter_num, best_val_loss=best_val, target_val_loss=cfg.target_val_loss,
+           target_iter=target_iter, train_seconds=train_seconds, eval_seconds=eval_seconds,
+           wall_seconds=wall_seconds, compile_seconds=compile_seconds)
     if metrics is not None:
         metrics.close()
 
     # -------------------------------------------------------------------------------------------------
     # summary
+    log(f"{iter_num - start_iter} iterations in {train_seconds:.1f} s of training, {eval_seconds:.1f} s of "
+        f"evaluation" + (f", after {compile_seconds:.1f} s of compilation" if use_compile else ""))
+    if cfg.target_val_loss is not None:
+        log(f"val loss <= {cfg.target_val_loss} " + (f"reached at iter {target_iter} after {train_seconds:.1f} s "
+                                                      f"of training" if target_iter is not None else
+                                                      f"not reached in {cfg.max_iters} iterations"))
     log(f"best val loss {best_val:.4f}; checkpoints in {out_dir} (best.pt: best val, ckpt.pt: latest)")
     if cfg.sample_chars and world.master:
         prompt = default_prompt(corpus.tokenizer)

@@ -170,3 +170,21 @@ def test_cpu_preset_defaults_on_a_machine_without_cuda(capsys):
     cfg, _ = train.parse_train_args([], torch.cuda.is_available())
     assert cfg == PRESETS["cpu"]
     assert cfg.compile is None  # resolved per device: eager on the CPU
+
+
+def test_target_val_loss_stops_at_the_first_evaluation_that_reaches_it(small_corpus, tmp_path, capsys):
+    common = [f"--data_file={small_corpus}", f"--data_dir={tmp_path}", *TINY, "--max_iters=40",
+              "--eval_interval=10", "--learning_rate=3e-3"]
+    assert train.main([*common, f"--out_dir={tmp_path / 'full'}"]) == 0
+    _, evals = read_metrics(tmp_path / "full")
+    target = evals[20]  # the runs are bit-identical on the CPU, so this run reaches it at iter 20
+    assert evals[10] > target
+    capsys.readouterr()
+    assert train.main([*common, f"--out_dir={tmp_path / 'target'}", f"--target_val_loss={target}"]) == 0
+    steps, evals = read_metrics(tmp_path / "target")
+    assert sorted(evals) == [0, 10, 20] and max(steps) == 20
+    summary = json.loads((tmp_path / "target" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert summary["summary"] and summary["target_iter"] == 20 and summary["compile_seconds"] == 0.0
+    assert 0 < summary["train_seconds"] < summary["wall_seconds"]
+    assert load_checkpoint(tmp_path / "target" / "ckpt.pt")["iter_num"] == 20
+    assert f"val loss <= {target} reached at iter 20 after" in capsys.readouterr().out
