@@ -1,15 +1,18 @@
-"""Training-step throughput: `pytest bench/` (add `--benchmark-json=FILE` for machines).
+"""Training-step and sampling throughput: `pytest bench/test_train_step.py`.
 
-One optimizer step of the real trainer (`fastgpt.train.train_step`: forward, backward, clipping, AdamW)
-on random token windows, timed by pytest-benchmark after warm-up, with tokens/sec in extra_info. On the
-CPU: the cpu preset on the reference ops, eager (what `python -m fastgpt.train` runs there) and
-torch.compile'd. On CUDA: the shakespeare_char preset in bf16, eager and torch.compile'd.
+Training: one optimizer step of the real trainer (`fastgpt.train.train_step`: forward, backward,
+clipping, fused AdamW) on random token windows, with tokens/sec in extra_info, for the Triton kernels
+under torch.compile, the references under torch.compile and the references eager. On a GPU: the
+shakespeare_char preset in bf16 autocast; on the CPU: the cpu preset in fp32, where the Triton cases are
+skipped with the reason (the interpreter measures nothing useful).
+
+Sampling: `model.generate` with and without the KV cache from a one-character prompt, new tokens per
+second over the batch, eager, fp32 (what `python -m fastgpt.sample` runs).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import platform
 from contextlib import nullcontext
 
 import numpy as np
@@ -17,54 +20,70 @@ import pytest
 import torch
 
 import kernels
+from bench.common import CUDA, DEVICE, environment, needs_gpu, run_benchmark
 from fastgpt.config import PRESETS
 from fastgpt.data import Batches
 from fastgpt.model import build_model
-from fastgpt.train import train_step
+from fastgpt.train import peak_flops, train_step
 
 VOCAB = 65  # Tiny Shakespeare's
-CUDA = torch.cuda.is_available()
+PRESET = "shakespeare_char" if CUDA else "cpu"
+PEAK = peak_flops(DEVICE)  # bf16 dense FLOP/s of a known GPU, else None
 
-# On the CPU, eager vs compiled is what decides the trainer's --compile default there.
-CASES = [pytest.param("cpu", "reference", compiled, id=f"cpu-reference-{name}",
-                      marks=pytest.mark.skipif(CUDA, reason="the cpu preset is a CPU job"))
-         for compiled, name in ((False, "eager"), (True, "compiled"))]
-CASES += [pytest.param("shakespeare_char", "reference", compiled, id=f"shakespeare_char-reference-{name}",
-                       marks=pytest.mark.skipif(not CUDA, reason="the shakespeare_char preset is a GPU job"))
-          for compiled, name in ((False, "eager"), (True, "compiled"))]
-
-
-def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
+CASES = [
+    pytest.param("triton", True, id=f"{PRESET}-triton-compiled", marks=needs_gpu),
+    pytest.param("reference", True, id=f"{PRESET}-reference-compiled"),
+    pytest.param("reference", False, id=f"{PRESET}-reference-eager"),
+]
 
 
-@pytest.mark.parametrize("preset, backend, compiled", CASES)
-def test_train_step(benchmark, preset, backend, compiled):
-    device = torch.device("cuda" if CUDA else "cpu")
-    cfg = dataclasses.replace(PRESETS[preset], compile=compiled)
+@pytest.mark.parametrize("backend, compiled", CASES)
+def test_train_step(benchmark, backend, compiled):
+    cfg = dataclasses.replace(PRESETS[PRESET], compile=compiled)
     torch.manual_seed(0)
     tokens = np.random.default_rng(0).integers(0, VOCAB, 1_000_000, dtype=np.uint8)
-    batches = Batches(tokens, cfg.block_size, cfg.batch_size, device, seed=0)
-    model = build_model(cfg.model_config(VOCAB)).to(device).train()
+    batches = Batches(tokens, cfg.block_size, cfg.batch_size, DEVICE, seed=0)
+    model = build_model(cfg.model_config(VOCAB)).to(DEVICE).train()
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
-                                           device.type)
+                                           DEVICE.type)
     step_model = torch.compile(model) if compiled else model
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if CUDA else nullcontext()
 
     def step():
-        loss, _ = train_step(step_model, optimizer, batches, cfg.gradient_accumulation_steps, cfg.grad_clip,
-                             autocast)
-        loss.item()  # waits for the device, so the round times the whole step
+        train_step(step_model, optimizer, batches, cfg.gradient_accumulation_steps, cfg.grad_clip, autocast)
 
     with kernels.backend(backend):
-        for _ in range(5 if not compiled else 15):  # warm-up (and compilation) outside the rounds
-            step()
-        benchmark.pedantic(step, rounds=100, iterations=1)
+        median = run_benchmark(benchmark, step, warmup=15 if compiled else 5, rounds=100)
     tokens_per_iter = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
     benchmark.extra_info.update(
-        tokens_per_sec=tokens_per_iter / benchmark.stats.stats.median,
-        ms_per_iter=benchmark.stats.stats.median * 1e3,
-        preset=preset, backend=backend, compiled=compiled, device=device_name(device),
-        dtype="bfloat16" if device.type == "cuda" else "float32", torch=torch.__version__,
-        threads=torch.get_num_threads(),
+        tokens_per_sec=tokens_per_iter / median, ms_per_iter=median * 1e3, preset=PRESET, backend=backend,
+        compiled=compiled, dtype="bfloat16" if CUDA else "float32",
+        mfu=model.flops_per_token() * tokens_per_iter / median / PEAK if PEAK else None,
+        **environment(),
+    )
+
+SAMPLE_CASES = [pytest.param(backend, cache, id=f"{PRESET}-{backend}-{'cache' if cache else 'no-cache'}",
+                             marks=[needs_gpu] if backend == "triton" else [])
+                for backend in ("triton", "reference") for cache in (True, False)]
+
+
+@pytest.mark.parametrize("backend, use_cache", SAMPLE_CASES)
+def test_sample(benchmark, backend, use_cache):
+    """New tokens/sec of generation: 4 samples of block_size tokens each from a one-token prompt."""
+    cfg = PRESETS[PRESET]
+    torch.manual_seed(0)
+    model = build_model(cfg.model_config(VOCAB)).to(DEVICE).eval()
+    new_tokens, samples = cfg.block_size, 4
+    prompt = torch.zeros((samples, 1), dtype=torch.long, device=DEVICE)
+    generator = torch.Generator(device=DEVICE).manual_seed(0)
+
+    @torch.no_grad()
+    def sample():
+        model.generate(prompt, new_tokens, generator=generator, use_cache=use_cache)
+
+    with kernels.backend(backend):
+        median = run_benchmark(benchmark, sample, warmup=2, rounds=10 if CUDA else 3)
+    benchmark.extra_info.update(
+        tokens_per_sec=samples * new_tokens / median, ms_per_token=median * 1e3 / new_tokens, preset=PRESET,
+        backend=backend, kv_cache=use_cache, dtype="float32", batch=samples, **environment(),
     )
