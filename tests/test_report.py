@@ -1,0 +1,34 @@
+"""`python -m bench.report`, the one-command GPU report, smoke-tested on the CPU with a tiny budget."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import run_module
+
+
+def test_report_writes_json_and_markdown(small_corpus, tmp_path):
+    tiny = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4", "--eval_iters=2",
+            "--eval_interval=10", f"--data_dir={tmp_path}"]
+    proc = run_module("bench.report", "--skip_tests", "--skip_bench", "--preset=cpu", "--max_iters=20",
+                      "--target_val_loss=2.9", f"--data_file={small_corpus}", f"--out={tmp_path / 'out'}",
+                      *[f"--train_flag={flag}" for flag in tiny])
+    assert proc.returncode == 0, proc.stderr
+    (report_json,) = (tmp_path / "out").glob("*.json")
+    report = json.loads(report_json.read_text())
+    runs = report["time_to_target"]
+    assert [r["kernels"].split()[0] for r in runs] == ["auto", "reference"]
+    for r in runs:
+        assert r["exit_code"] == 0 and r["iters"] is not None and r["train_seconds"] > 0
+        assert r["val_curve"][0][0] == 0 and r["tokens_per_sec"] > 0
+        assert r["command"].startswith("-m fastgpt.train --preset=cpu")
+    markdown = report_json.with_suffix(".md").read_text()
+    assert "## Time to target (cpu)" in markdown and "--reference" in markdown
+    assert report["environment"]["torch"] and report["environment"]["triton"]
+
+
+def test_report_rejects_a_missing_corpus(tmp_path):
+    proc = run_module("bench.report", f"--data_file={tmp_path / 'nope.txt'}", f"--out={tmp_path}")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"bench.report: error: --data_file={tmp_path / 'nope.txt'} is not a file: pass the corpus path"]
