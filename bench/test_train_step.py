@@ -30,15 +30,19 @@ VOCAB = 65  # Tiny Shakespeare's
 PRESET = "shakespeare_char" if CUDA else "cpu"
 PEAK = peak_flops(DEVICE)  # bf16 dense FLOP/s of a known GPU, else None
 
+# (backend, torch.compile mode or None for eager); reduce-overhead adds CUDA graphs, which only a GPU has
 CASES = [
-    pytest.param("triton", True, id=f"{PRESET}-triton-compiled", marks=needs_gpu),
-    pytest.param("reference", True, id=f"{PRESET}-reference-compiled"),
-    pytest.param("reference", False, id=f"{PRESET}-reference-eager"),
+    pytest.param("triton", "default", id=f"{PRESET}-triton-compiled", marks=needs_gpu),
+    pytest.param("triton", "reduce-overhead", id=f"{PRESET}-triton-compiled-cudagraphs", marks=needs_gpu),
+    pytest.param("reference", "default", id=f"{PRESET}-reference-compiled"),
+    pytest.param("reference", "reduce-overhead", id=f"{PRESET}-reference-compiled-cudagraphs", marks=needs_gpu),
+    pytest.param("reference", None, id=f"{PRESET}-reference-eager"),
 ]
 
 
-@pytest.mark.parametrize("backend, compiled", CASES)
-def test_train_step(benchmark, backend, compiled):
+@pytest.mark.parametrize("backend, mode", CASES)
+def test_train_step(benchmark, backend, mode):
+    compiled = mode is not None
     cfg = dataclasses.replace(PRESETS[PRESET], compile=compiled)
     torch.manual_seed(0)
     tokens = np.random.default_rng(0).integers(0, VOCAB, 1_000_000, dtype=np.uint8)
@@ -46,7 +50,7 @@ def test_train_step(benchmark, backend, compiled):
     model = build_model(cfg.model_config(VOCAB)).to(DEVICE).train()
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
                                            DEVICE.type)
-    step_model = torch.compile(model) if compiled else model
+    step_model = torch.compile(model, mode=mode) if compiled else model
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if CUDA else nullcontext()
 
     def step():
@@ -57,7 +61,7 @@ def test_train_step(benchmark, backend, compiled):
     tokens_per_iter = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
     benchmark.extra_info.update(
         tokens_per_sec=tokens_per_iter / median, ms_per_iter=median * 1e3, preset=PRESET, backend=backend,
-        compiled=compiled, dtype="bfloat16" if CUDA else "float32",
+        compiled=compiled, compile_mode=mode, dtype="bfloat16" if CUDA else "float32",
         mfu=model.flops_per_token() * tokens_per_iter / median / PEAK if PEAK else None,
         **environment(),
     )

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 from fastgpt.model import MODELS, GPTConfig
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
 
 class UserError(Exception):
     """A problem with the user's input (flags, files, prompts): reported in one line, exit code 2."""
@@ -102,6 +104,7 @@ class TrainConfig:
     device: str = "auto"  # auto (cuda if available), cpu, cuda, cuda:N
     dtype: str = "auto"  # auto (bfloat16 autocast on CUDA, float32 on CPU), float32, bfloat16
     compile: bool | None = None  # torch.compile the model; None = on for CUDA, off on CPU (measured faster)
+    compile_mode: str = "default"  # torch.compile mode; reduce-overhead and max-autotune use CUDA graphs
     reference: bool = False  # run every kernel as its PyTorch reference
     seed: int = 1337  # seeds the weights, dropout and batch sampling
     sample_chars: int = 200  # characters of sample printed at the end; 0 = none
@@ -147,6 +150,9 @@ class TrainConfig:
             raise UserError("need 0 <= --min_lr <= --learning_rate and --learning_rate > 0")
         if self.grad_clip < 0 or self.weight_decay < 0:
             raise UserError("--grad_clip and --weight_decay must be >= 0")
+        if self.compile_mode not in COMPILE_MODES:
+            raise UserError(f"--compile_mode must be one of {', '.join(COMPILE_MODES)}, "
+                            f"got {self.compile_mode!r}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise UserError(f"--dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):

@@ -227,7 +227,7 @@ def train(cfg: TrainConfig, given: set[str], ckpt: dict | None, world: World) ->
         if device.type == "cuda" and rng["cuda"] is not None:
             torch.cuda.set_rng_state(rng["cuda"], device)
         train_batches.generator.set_state(rng["batches"])
-    core = torch.compile(raw_model) if use_compile else raw_model
+    core = torch.compile(raw_model, mode=cfg.compile_mode) if use_compile else raw_model
     model = core
     if world.size > 1:
         model = torch.nn.parallel.DistributedDataParallel(

@@ -173,6 +173,8 @@ def test_bad_flags_are_user_errors(argv, message):
     (["--dtype=float16"], r"--dtype must be auto, float32 or bfloat16, got 'float16'"),
     (["--device=tpu"], r"--device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
     (["--device=cuda:x"], r"--device must be auto, cpu, cuda or cuda:N"),
+    (["--compile_mode=fast"], r"--compile_mode must be one of default, reduce-overhead, max-autotune, "
+                              r"max-autotune-no-cudagraphs, got 'fast'"),
 ])
 def test_invalid_values_are_user_errors(argv, message):
     with pytest.raises(UserError, match=message):
