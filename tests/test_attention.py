@@ -89,6 +89,28 @@ def test_fewer_queries_than_keys(tq, tk, d, window, dtype, kernel_error):
     assert_accurate(kernel_error, *qkv(1, 2, tq, tk, d, dtype), window)
 
 
+@pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")  # from the later tiles, which do read them
+def test_tiles_outside_the_band_are_never_read():
+    """Tiles above the diagonal and left of the window are skipped, not masked: poisoning keys and values
+    there with NaN (which a masked tile would turn into NaN * 0 = NaN) leaves the results untouched."""
+    q, k, v = (t.detach() for t in qkv(1, 1, 200, 200, 32, torch.float32))
+    poisoned_k, poisoned_v = k.clone(), v.clone()
+    poisoned_k[:, :, 128:], poisoned_v[:, :, 128:] = float("nan"), float("nan")
+    # causal: the first 128-query tile (forward and dQ) reads keys 0..127 only
+    q_ = q.clone().requires_grad_()
+    out = kernels.causal_attention(q_, poisoned_k, poisoned_v)
+    dq, = torch.autograd.grad(out[:, :, :128].sum(), q_)
+    q_ = q.clone().requires_grad_()
+    clean = kernels.causal_attention(q_, k, v)
+    clean_dq, = torch.autograd.grad(clean[:, :, :128].sum(), q_)
+    assert torch.equal(out[:, :, :128], clean[:, :, :128]) and torch.equal(dq[:, :, :128], clean_dq[:, :, :128])
+    # window: the last query with a window of 17 reads the 64-key tiles holding keys 183..199 only
+    poisoned_k, poisoned_v = k.clone(), v.clone()
+    poisoned_k[:, :, :128], poisoned_v[:, :, :128] = float("nan"), float("nan")
+    assert torch.equal(kernels.causal_attention(q[:, :, -1:], poisoned_k, poisoned_v, window=17),
+                       kernels.causal_attention(q[:, :, -1:], k, v, window=17))
+
+
 def test_lse_is_the_log_sum_exp_of_the_masked_scores():
     q, k, v = (t.detach() for t in qkv(1, 2, 70, 130, 32, torch.float32))
     _, lse = attention._causal_attention_fwd(q, k, v, None, 0.0, 40)
@@ -247,20 +269,24 @@ def test_opcheck():
 
 
 def test_torch_compile_fullgraph():
+    """The ops trace with no graph break (dropout's seed draw included) and compute what eager does."""
     torch._dynamo.reset()
     q, k, v = qkv(1, 2, 24, 24, 16, torch.float32)
 
-    def f(q, k, v):
-        return kernels.causal_attention(q, k, v, 0.0, 10).square().sum()
+    def f(q, k, v, dropout_p):
+        return kernels.causal_attention(q, k, v, dropout_p, 10).square().sum()
 
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    loss = compiled(q, k, v)
-    grads = torch.autograd.grad(loss, (q, k, v))
-    want = f(q, k, v)
-    want_grads = torch.autograd.grad(want, (q, k, v))
-    assert torch.equal(loss, want)
-    for g, w in zip(grads, want_grads):
-        assert torch.equal(g, w)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")  # Inductor: tests/test_model.py
+    for dropout_p in (0.0, 0.2):
+        torch.manual_seed(0)
+        loss = compiled(q, k, v, dropout_p)
+        grads = torch.autograd.grad(loss, (q, k, v))
+        torch.manual_seed(0)
+        want = f(q, k, v, dropout_p)
+        want_grads = torch.autograd.grad(want, (q, k, v))
+        assert torch.equal(loss, want)
+        for g, w in zip(grads, want_grads):
+            assert torch.equal(g, w)
     torch._dynamo.reset()
 
 
