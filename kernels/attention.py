@@ -117,7 +117,8 @@ def _attention_fwd_tiles(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, offs_m, p
                          Tk, window, qk_scale, dropout_p,
                          HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
                          DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
-    """Fold key tiles (the runs `_tile_start` describes) into the running softmax state (acc, l_i, m_i) of the rows in q."""
+    """Fold key tiles (the runs `_tile_start` describes) into the running softmax state (acc, l_i, m_i)
+    of the rows in q."""
     offs_d = tl.arange(0, HEAD_DIM)
     for i in range(0, n_tiles):
         offs_n = _tile_start(i, lo_a, n_a, lo_b, BLOCK_N) + tl.arange(0, BLOCK_N)
