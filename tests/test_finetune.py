@@ -29,8 +29,8 @@ def base(tmp_path_factory):
 
 
 def val_losses(out_dir):
-    return [json.loads(line)["val_loss"] for line in (out_dir / "metrics.jsonl").read_text().splitlines()
-            if "val_loss" in line]
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["val_loss"] for r in records if "val_loss" in r]
 
 
 def test_finetuning_lowers_the_loss_on_the_new_text(base, tmp_path, capsys):

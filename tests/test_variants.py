@@ -78,8 +78,8 @@ def test_training_lowers_the_loss_and_the_checkpoint_samples(name, small_corpus,
     code = train.main([f"--data_file={small_corpus}", f"--data_dir={tmp_path}", f"--out_dir={out}",
                        f"--model={name}", *TRAIN_FLAGS, "--max_iters=40", "--eval_interval=40"])
     assert code == 0
-    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
-             if "val_loss" in line]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "val_loss" in r]
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.5
     ckpt = load_checkpoint(out / "ckpt.pt")
     assert ckpt["model_config"]["model"] == name
