@@ -337,6 +337,6 @@ def test_aot(aot_compile):
             for d in HEAD_DIMS:
                 for dtype in ("fp16", "bf16"):
                     assert (kernel, arch, d, dtype) in kinds
-    # the presets' head dims (cpu: 32, shakespeare_char: 64) run without register spills
-    spilling = [r for r in rows if r["head_dim"] in (32, 64) and r["dtype"] != "fp32" and r["spills"]]
+    # no register spills anywhere, the presets' head dims (cpu: 32, shakespeare_char: 64) included
+    spilling = [r for r in rows if r["spills"]]
     assert not spilling, spilling
