@@ -20,8 +20,22 @@ except ImportError:  # pragma: no cover - torch is a hard dependency
     pass
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# The kernel tests: on a GPU the kernels run natively, bf16 included; on the CPU in the interpreter, which
+# computes bf16 arithmetic wrongly, so bf16 is tested on GPUs only.
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+KERNEL_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
 SHAKESPEARE = Path(os.environ.get("FASTGPT_TINYSHAKESPEARE",
                                   ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"))
+
+
+@pytest.fixture
+def triton_kernels():
+    """The Triton kernels selected, and tensors created on DEVICE unless a test says otherwise."""
+    import kernels
+
+    with kernels.backend("triton"), torch.device(DEVICE):
+        yield
 
 
 @pytest.fixture(scope="session")

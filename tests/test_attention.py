@@ -15,24 +15,17 @@ import pytest
 import torch
 
 import kernels
+from conftest import DEVICE, KERNEL_DTYPES as DTYPES
 from fastgpt.model import CausalSelfAttention, GPTConfig, KVCache
 from kernels import attention
 from kernels.attention import HEAD_DIMS, causal_attention_reference, causal_mask
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])  # the interpreter's bf16 is wrong
-
-
-@pytest.fixture(autouse=True)
-def triton_backend():
-    """Every test runs the Triton kernels (the interpreter on the CPU) and restores the backend."""
-    with kernels.backend("triton"):
-        yield
+CUDA = DEVICE.type == "cuda"
+pytestmark = pytest.mark.usefixtures("triton_kernels")
 
 
 def qkv(b, h, tq, tk, d, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(DEVICE).manual_seed(seed)
     return tuple(torch.randn(b, h, t, d, generator=g, dtype=torch.float64).to(DEVICE, dtype).requires_grad_()
                  for t in (tq, tk, tk))
 
@@ -46,7 +39,7 @@ def out_and_grads(fn, q, k, v, dout):
 def assert_accurate(kernel_error, q, k, v, window=None):
     """out, dq, dk, dv of the Triton path against the fp64 reference, under the kernels' accuracy rule
     (tests/conftest.py: at most twice PyTorch's own error in the same dtype, plus a floor)."""
-    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    dout = torch.randn(q.shape, generator=torch.Generator(DEVICE).manual_seed(1), dtype=torch.float64)
     got = out_and_grads(lambda q, k, v: kernels.causal_attention(q, k, v, 0.0, window), q, k, v, dout)
     with kernels.backend("reference"):
         exact = out_and_grads(lambda q, k, v: causal_attention_reference(q, k, v, 0.0, window),
@@ -203,7 +196,7 @@ def test_dropout_applies_the_mask_it_reports_forward_and_backward(tq, tk, d, win
     keep = attention._dropout_keep_mask(seed, 2, 2, tq, tk, p)
     assert keep.shape == (2, 2, tq, tk)
     assert not torch.equal(keep[0, 0], keep[0, 1]) and not torch.equal(keep[0, 0], keep[1, 0])  # per head
-    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    dout = torch.randn(q.shape, generator=torch.Generator(DEVICE).manual_seed(1), dtype=torch.float64)
     # the backward regenerates the mask from the seed: all four agree with the mask only if it does
     got = out_and_grads(lambda q, k, v: attention._causal_attention_fwd(q, k, v, seed, p, window)[0], q, k, v, dout)
     explicit = lambda q, k, v: explicit_dropout_attention(q, k, v, keep.to(q.dtype), p, window)  # noqa: E731

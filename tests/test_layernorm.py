@@ -8,23 +8,13 @@ import pytest
 import torch
 
 import kernels
+from conftest import DEVICE, KERNEL_DTYPES as DTYPES
 from kernels.layernorm import (MAX_N, _add_layer_norm_fwd, _layer_norm_bwd, _layer_norm_fwd,
                                add_layer_norm_reference, layer_norm_reference)
 
 SHAPES = [(1, 1, 7), (3, 7, 384), (2, 129, 1000), (4, 65, 768)]
 
-
-# On a GPU the kernels run natively (bf16 included); on the CPU in the interpreter, which computes bf16
-# arithmetic wrongly, so bf16 is tested on GPUs only.
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
-
-
-@pytest.fixture(autouse=True)
-def triton_backend():
-    """Every test runs the Triton kernels, with tensors created on DEVICE unless they say otherwise."""
-    with kernels.backend("triton"), torch.device(DEVICE):
-        yield
+pytestmark = pytest.mark.usefixtures("triton_kernels")
 
 
 def make(shape, dtype, with_bias, seed=0):

@@ -8,24 +8,14 @@ import pytest
 import torch
 
 import kernels
+from conftest import DEVICE, KERNEL_DTYPES as DTYPES
 from kernels.mlp import _gelu_bwd, _linear_gelu_fwd, linear_gelu_reference
 
 # (x shape, N): the issue's row shapes, N = 4 * K as in the GPT's MLP where that stays small enough for
 # the interpreter, and ragged tile edges in every dimension
 CASES = [((1, 1, 7), 28), ((3, 7, 384), 1536), ((2, 129, 1000), 200), ((4, 65, 768), 300)]
 
-
-# On a GPU the kernels run natively (bf16 included); on the CPU in the interpreter, which computes bf16
-# arithmetic wrongly, so bf16 is tested on GPUs only.
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
-
-
-@pytest.fixture(autouse=True)
-def triton_backend():
-    """Every test runs the Triton kernels, with tensors created on DEVICE unless they say otherwise."""
-    with kernels.backend("triton"), torch.device(DEVICE):
-        yield
+pytestmark = pytest.mark.usefixtures("triton_kernels")
 
 
 def make(x_shape, n, dtype, with_bias, seed=0):
