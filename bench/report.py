@@ -172,7 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target_val_loss", type=float, default=1.47)
     parser.add_argument("--max_iters", type=int, default=5000)
     parser.add_argument("--train_flag", action="append", default=[], help="extra trainer flag (repeatable)")
-    parser.add_argument("--bench_filter", default=None, help="pytest -k expression for bench/")
+    parser.add_argument("--bench_filter", default="not float32",
+                        help="pytest -k expression for bench/ (default: the bf16 and CPU-relevant cases, to keep "
+                             "the report within minutes; '' runs every case)")
     parser.add_argument("--skip_tests", action="store_true")
     parser.add_argument("--skip_bench", action="store_true")
     parser.add_argument("--skip_train", action="store_true")
