@@ -192,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip() or "unknown"
     report = {
-        "date": date, "preset": args.preset, "command": shlex.join(["python", "-m", "bench.report", *(argv or sys.argv[1:])]),
+        "date": date, "preset": args.preset,
+        "command": shlex.join(["python", "-m", "bench.report", *(argv or sys.argv[1:])]),
         "environment": {"device": device_name(), "torch": torch.__version__, "triton": triton.__version__,
                         "cuda": torch.version.cuda, "python": platform.python_version(), "commit": commit},
     }

@@ -723,5 +723,7 @@ def causal_attention(
         raise ValueError(f"causal_attention: dropout_p must be in [0, 1), got {dropout_p}")
     if window is not None and window < 1:
         raise ValueError(f"causal_attention: window must be None or >= 1, got {window}")
-    return select("causal_attention", q, causal_attention_reference, causal_attention_triton)(
+    supported = (q.size(-1) in HEAD_DIMS and all(t.dtype == q.dtype and t.device == q.device for t in (k, v))
+                 and q.dtype in _DTYPES and (dropout_p == 0 or q.size(-2) * k.size(-2) < 2**31))
+    return select("causal_attention", q, causal_attention_reference, causal_attention_triton, supported)(
         q, k, v, dropout_p, window)

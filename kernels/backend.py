@@ -1,6 +1,7 @@
 """The backend switch: which implementation the public kernel entry points run.
 
-"auto" runs an op's Triton kernel on CUDA tensors and its PyTorch reference everywhere else; "triton"
+"auto" runs an op's Triton kernel on CUDA tensors it supports and its PyTorch reference everywhere else
+(other devices; inputs outside a kernel's limits, such as an unsupported head_dim); "triton"
 runs the Triton kernel on every device (on the CPU that means the Triton interpreter, which tests use);
 "reference" runs the PyTorch reference everywhere. An op that has no Triton kernel yet always runs its
 reference under "auto", and refuses "triton" with a message rather than silently measuring the wrong
@@ -43,12 +44,15 @@ def backend(name: str) -> Iterator[None]:
         set_backend(previous)
 
 
-def select(op: str, x: torch.Tensor, reference: Callable, triton: Callable | None) -> Callable:
-    """The implementation of `op` to run on tensor `x` under the current backend."""
+def select(op: str, x: torch.Tensor, reference: Callable, triton: Callable | None,
+           supported: bool = True) -> Callable:
+    """The implementation of `op` to run on tensor `x` under the current backend. `supported` says
+    whether the Triton kernel handles these inputs (head_dim, dtype, width): "auto" falls back to the
+    reference where it does not, "triton" lets the kernel's launcher refuse them with its message."""
     if _current == "reference":
         return reference
     if _current == "auto":
-        return triton if (triton is not None and x.is_cuda) else reference
+        return triton if (triton is not None and x.is_cuda and supported) else reference
     if triton is None:
         raise NotImplementedError(
             f"{op} has no Triton kernel yet: select backend 'auto' or 'reference'"

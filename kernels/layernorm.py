@@ -190,6 +190,13 @@ def _check(name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
                          f"{x.size(-1)}: use kernels.set_backend('reference')")
 
 
+def _supported(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               residual: torch.Tensor | None) -> bool:
+    """Whether the kernels take these inputs (what `_check` would accept)."""
+    tensors = [t for t in (x, weight, bias, residual) if t is not None]
+    return x.size(-1) <= MAX_N and all(t.dtype in _DTYPES and t.device == x.device for t in tensors)
+
+
 def _forward(x, residual, weight, bias, eps, out_dtype):
     """Launch the forward on (M, N) rows; returns y, h (None without residual), mean, rstd."""
     m, n = x.shape
@@ -398,7 +405,8 @@ def layer_norm(
 ) -> torch.Tensor:
     """LayerNorm of `x` (..., N) with `weight` (N,) and optional `bias` (N,)."""
     _check_params("layer_norm", x.size(-1), weight, bias)
-    return select("layer_norm", x, layer_norm_reference, layer_norm_triton)(x, weight, bias, eps)
+    supported = _supported(x, weight, bias, None)
+    return select("layer_norm", x, layer_norm_reference, layer_norm_triton, supported)(x, weight, bias, eps)
 
 
 def add_layer_norm(
@@ -410,5 +418,6 @@ def add_layer_norm(
         raise ValueError(f"add_layer_norm: residual {tuple(residual.shape)} must have the shape of x "
                          f"{tuple(x.shape)}")
     _check_params("add_layer_norm", x.size(-1), weight, bias)
-    return select("layer_norm", x, add_layer_norm_reference, add_layer_norm_triton)(x, residual, weight,
-                                                                                   bias, eps)
+    supported = _supported(x, weight, bias, residual)
+    return select("layer_norm", x, add_layer_norm_reference, add_layer_norm_triton, supported)(
+        x, residual, weight, bias, eps)

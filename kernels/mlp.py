@@ -207,6 +207,16 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
                          "use kernels.set_backend('reference') for other dtypes")
 
 
+def _supported(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether the kernel takes these inputs (what `_check` would accept, after autocast's casts)."""
+    tensors = [t for t in (x, weight, bias) if t is not None]
+    if any(t.device != x.device for t in tensors):
+        return False
+    if torch.is_autocast_enabled(x.device.type):
+        return True  # everything is cast to the autocast dtype
+    return x.dtype in _DTYPES and all(t.dtype == x.dtype for t in tensors)
+
+
 def aot_specs():
     """Every configuration the launchers may compile on a GPU: each autotuner candidate, with and without
     bias, for bf16 and fp32 (TF32 and IEEE), and the elementwise backward. n_embd does not enter the
@@ -314,4 +324,5 @@ def linear_gelu(
         raise ValueError(
             f"linear_gelu: bias must have shape ({weight.size(0)},), got {tuple(bias.shape)}"
         )
-    return select("linear_gelu", x, linear_gelu_reference, linear_gelu_triton)(x, weight, bias)
+    return select("linear_gelu", x, linear_gelu_reference, linear_gelu_triton, _supported(x, weight, bias))(
+        x, weight, bias)

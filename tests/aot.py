@@ -6,9 +6,9 @@ Each kernel module lists, in `aot_specs()`, every configuration its launchers or
 dicts with `fn` (the @triton.jit kernel), `signature` (argument name -> Triton type, "constexpr" for
 compile-time arguments, which is also how the JIT passes integer arguments equal to 1), `constexprs`,
 `num_warps`, `num_stages`, optionally `divisible` (integer arguments the JIT would see as multiples of
-16) and free-form `tags` (n_embd, dtype, ...). Every spec is compiled for sm_90 (H100) and sm_80 (A100) and reported with its shared memory and
-the registers, stack and local memory (spills) that `cuobjdump --dump-resource-usage` reads off the
-cubin. It runs as a subprocess because the Triton interpreter, which the tests switch on when there is
+16) and free-form `tags` (n_embd, dtype, ...). Every spec is compiled for sm_90 (H100) and sm_80
+(A100) and reported with its shared memory and the registers, stack and local memory (spills) that
+`cuobjdump --dump-resource-usage` reads off the cubin. It runs as a subprocess because the Triton interpreter, which the tests switch on when there is
 no GPU, replaces the kernels with objects that cannot be compiled.
 """
 

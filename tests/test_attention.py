@@ -333,3 +333,16 @@ def test_aot(aot_compile):
     # no register spills anywhere, the presets' head dims (cpu: 32, shakespeare_char: 64) included
     spilling = [r for r in rows if r["spills"]]
     assert not spilling, spilling
+
+
+def test_auto_backend_falls_back_to_the_reference_outside_the_kernel_limits(monkeypatch):
+    """Under "auto" a CUDA model with an unsupported head_dim (384 / 8 heads = 48) runs the reference
+    instead of failing; "triton" asked for explicitly still refuses with the launcher's message."""
+    chosen = []
+    monkeypatch.setattr(attention, "select", lambda op, x, ref, tri, supported=True: chosen.append(supported) or ref)
+    q = torch.zeros(1, 1, 4, 48, device=DEVICE)
+    attention.causal_attention(q, q, q)
+    q = torch.zeros(1, 1, 4, 64, device=DEVICE)
+    attention.causal_attention(q, q, q)
+    attention.causal_attention(q.double(), q.double(), q.double())
+    assert chosen == [False, True, False]

@@ -266,9 +266,14 @@ def test_select_picks_by_backend_and_device(monkeypatch):
     with kernels.backend("auto"):
         assert select("op", cpu, reference, triton) is reference  # no CUDA tensor: the reference
         assert select("op", cpu, reference, None) is reference
+        if torch.cuda.is_available():
+            gpu = cpu.cuda()
+            assert select("op", gpu, reference, triton) is triton
+            assert select("op", gpu, reference, triton, supported=False) is reference  # e.g. head_dim 48
     with kernels.backend("triton"):
         monkeypatch.setenv("TRITON_INTERPRET", "1")
         assert select("op", cpu, reference, triton) is triton  # the interpreter on the CPU
+        assert select("op", cpu, reference, triton, supported=False) is triton  # its launcher refuses
         with pytest.raises(NotImplementedError, match="op has no Triton kernel yet"):
             select("op", cpu, reference, None)
         monkeypatch.delenv("TRITON_INTERPRET")

@@ -167,3 +167,14 @@ def test_aot_compiles_every_configuration_for_sm90_and_sm80(aot_compile):
     assert all(r["shared"] <= r["shared_limit"] for r in rows)
     spilling = [r for r in rows if r["spills"]]
     assert not spilling, f"register spills: {spilling}"
+
+
+def test_auto_backend_falls_back_to_the_reference_outside_the_kernel_limits(monkeypatch):
+    from kernels import layernorm
+
+    chosen = []
+    monkeypatch.setattr(layernorm, "select", lambda op, x, ref, tri, supported=True: chosen.append(supported) or ref)
+    kernels.layer_norm(torch.zeros(2, MAX_N + 1), torch.ones(MAX_N + 1))
+    kernels.layer_norm(torch.zeros(2, 8), torch.ones(8))
+    kernels.add_layer_norm(torch.zeros(2, 8).double(), torch.zeros(2, 8).double(), torch.ones(8).double())
+    assert chosen == [False, True, False]

@@ -142,3 +142,17 @@ def test_aot_compiles_every_configuration_for_sm90_and_sm80(aot_compile):
     assert all(r["shared"] <= r["shared_limit"] for r in rows)
     spilling = [r for r in rows if r["spills"]]
     assert not spilling, f"register spills: {spilling}"
+
+
+def test_auto_backend_falls_back_to_the_reference_outside_the_kernel_limits(monkeypatch):
+    from kernels import mlp
+
+    chosen = []
+    monkeypatch.setattr(mlp, "select",
+                        lambda op, x, ref, tri, supported=True: chosen.append(supported) or (lambda *args: None))
+    x, w = torch.zeros(2, 8), torch.zeros(4, 8)
+    kernels.linear_gelu(x, w)
+    kernels.linear_gelu(x, w.double())  # mixed dtypes without autocast
+    with torch.autocast(DEVICE.type, dtype=torch.float16):
+        kernels.linear_gelu(x, w.double())  # autocast casts both
+    assert chosen == [True, False, True]
