@@ -107,6 +107,28 @@ def _segments(lo, hi, full_lo, full_hi, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _key_segments(start_m, Tq, Tk, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The key tiles the query rows [start_m, start_m + BLOCK_M) visit, as `_segments` splits them (the
+    forward and the dQ kernel walk the same ones)."""
+    shift = Tk - Tq
+    first = start_m + shift
+    last = tl.minimum(start_m + BLOCK_M, Tq) - 1 + shift
+    lo = tl.maximum(first - window + 1, 0)
+    full_lo = tl.cdiv(tl.maximum(last - window + 1, 0), BLOCK_N) * BLOCK_N
+    full_hi = (first + 1) // BLOCK_N * BLOCK_N
+    return _segments(lo, last + 1, full_lo, full_hi, BLOCK_N)
+
+
+@triton.jit
+def _head_seed(Seed, bh, DROPOUT: tl.constexpr):
+    """The dropout key of one (batch, head): the seed with bh in its high 32 bits (0 without dropout)."""
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(Seed) + (bh.to(tl.int64) << 32)
+    return seed
+
+
+@triton.jit
 def _tile_start(i, lo_a, n_a, lo_b, BLOCK: tl.constexpr):
     """Start of the i-th tile of the runs [lo_a, lo_a + n_a * BLOCK) and then lo_b, lo_b + BLOCK, ..."""
     return tl.where(i < n_a, lo_a + i * BLOCK, lo_b + (i - n_a) * BLOCK)
@@ -179,24 +201,15 @@ def _attention_fwd_kernel(
     V += b * stride_vb + h * stride_vh
     Out += b * stride_ob + h * stride_oh
     Lse += bh.to(tl.int64) * Tq
-    seed = 0
-    if DROPOUT:
-        seed = tl.load(Seed) + (bh.to(tl.int64) << 32)
+    seed = _head_seed(Seed, bh, DROPOUT)
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < Tq
     q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
 
-    shift = Tk - Tq
-    pos = offs_m + shift
-    first = start_m + shift
-    last = tl.minimum(start_m + BLOCK_M, Tq) - 1 + shift
-    lo = tl.maximum(first - window + 1, 0)
-    hi = last + 1
-    full_lo = tl.cdiv(tl.maximum(last - window + 1, 0), BLOCK_N) * BLOCK_N
-    full_hi = (first + 1) // BLOCK_N * BLOCK_N
-    start, n_left, b_, n_masked, a, n_full = _segments(lo, hi, full_lo, full_hi, BLOCK_N)
+    pos = offs_m + (Tk - Tq)
+    start, n_left, b_, n_masked, a, n_full = _key_segments(start_m, Tq, Tk, window, BLOCK_M, BLOCK_N)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -319,9 +332,7 @@ def _attention_bwd_dkdv_kernel(
     DV += b * stride_dvb + h * stride_dvh
     Lse += bh.to(tl.int64) * Tq
     Delta += bh.to(tl.int64) * Tq
-    seed = 0
-    if DROPOUT:
-        seed = tl.load(Seed) + (bh.to(tl.int64) << 32)
+    seed = _head_seed(Seed, bh, DROPOUT)
 
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -413,9 +424,7 @@ def _attention_bwd_dq_kernel(
     DQ += b * stride_dqb + h * stride_dqh
     Lse += bh.to(tl.int64) * Tq
     Delta += bh.to(tl.int64) * Tq
-    seed = 0
-    if DROPOUT:
-        seed = tl.load(Seed) + (bh.to(tl.int64) << 32)
+    seed = _head_seed(Seed, bh, DROPOUT)
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -425,15 +434,8 @@ def _attention_bwd_dq_kernel(
     lse = tl.load(Lse + offs_m, mask=row_ok, other=0.0) * LOG2E
     delta = tl.load(Delta + offs_m, mask=row_ok, other=0.0)
 
-    shift = Tk - Tq  # the forward's key-tile bounds, see the note above _dropout_keep
-    pos = offs_m + shift
-    first = start_m + shift
-    last = tl.minimum(start_m + BLOCK_M, Tq) - 1 + shift
-    lo = tl.maximum(first - window + 1, 0)
-    hi = last + 1
-    full_lo = tl.cdiv(tl.maximum(last - window + 1, 0), BLOCK_N) * BLOCK_N
-    full_hi = (first + 1) // BLOCK_N * BLOCK_N
-    start, n_left, b_, n_masked, a, n_full = _segments(lo, hi, full_lo, full_hi, BLOCK_N)
+    pos = offs_m + (Tk - Tq)
+    start, n_left, b_, n_masked, a, n_full = _key_segments(start_m, Tq, Tk, window, BLOCK_M, BLOCK_N)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     dq = _attention_bwd_dq_tiles(dq, q, do, lse, delta, K, V, stride_kt, stride_vt, offs_m, pos, seed,
@@ -454,7 +456,7 @@ def _attention_dropout_mask_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     bh = tl.program_id(2)
-    seed = tl.load(Seed) + (bh.to(tl.int64) << 32)
+    seed = _head_seed(Seed, bh, True)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     keep = _dropout_keep(seed, offs_m[:, None], offs_n[None, :], Tk, dropout_p)
@@ -499,25 +501,31 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> None:
-    """What the Triton path needs beyond the public entry's shape checks (and `select`'s device check)."""
+def _problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> str | None:
+    """Why the Triton path cannot take these inputs (beyond the public entry's shape checks and
+    `select`'s device check), in one line, or None when it can."""
     for label, t in (("q", q), ("k", k), ("v", v)):
         if t.dtype not in _DTYPES:
-            raise ValueError(f"causal_attention: the Triton kernel takes float16, bfloat16 or float32, got "
-                             f"{label} in {t.dtype}; use kernels.set_backend('reference') for other dtypes")
+            return (f"causal_attention: the Triton kernel takes float16, bfloat16 or float32, got {label} in "
+                    f"{t.dtype}; use kernels.set_backend('reference') for other dtypes")
         if t.dtype != q.dtype:
-            raise ValueError(f"causal_attention: q, k and v must share a dtype, got q in {q.dtype} and "
-                             f"{label} in {t.dtype}")
+            return f"causal_attention: q, k and v must share a dtype, got q in {q.dtype} and {label} in {t.dtype}"
         if t.device != q.device:
-            raise ValueError(f"causal_attention: q, k and v must be on one device, got q on {q.device} and "
-                             f"{label} on {t.device}")
+            return (f"causal_attention: q, k and v must be on one device, got q on {q.device} and {label} on "
+                    f"{t.device}")
     if q.size(-1) not in HEAD_DIMS:
-        raise ValueError(f"causal_attention: the Triton kernel supports head_dim in "
-                         f"{', '.join(map(str, HEAD_DIMS))}, got {q.size(-1)}; choose n_embd / n_head "
-                         f"accordingly or use kernels.set_backend('reference')")
+        return (f"causal_attention: the Triton kernel supports head_dim in {', '.join(map(str, HEAD_DIMS))}, got "
+                f"{q.size(-1)}; choose n_embd / n_head accordingly or use kernels.set_backend('reference')")
     if dropout_p > 0 and q.size(-2) * k.size(-2) >= 2**31:
-        raise ValueError(f"causal_attention: dropout in the Triton kernel needs Tq * Tk < 2**31, got "
-                         f"{q.size(-2)} x {k.size(-2)}")
+        return (f"causal_attention: dropout in the Triton kernel needs Tq * Tk < 2**31, got {q.size(-2)} x "
+                f"{k.size(-2)}")
+    return None
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> None:
+    problem = _problem(q, k, v, dropout_p)
+    if problem:
+        raise ValueError(problem)
 
 
 def _unit_stride(t: torch.Tensor) -> torch.Tensor:
@@ -723,7 +731,6 @@ def causal_attention(
         raise ValueError(f"causal_attention: dropout_p must be in [0, 1), got {dropout_p}")
     if window is not None and window < 1:
         raise ValueError(f"causal_attention: window must be None or >= 1, got {window}")
-    supported = (q.size(-1) in HEAD_DIMS and all(t.dtype == q.dtype and t.device == q.device for t in (k, v))
-                 and q.dtype in _DTYPES and (dropout_p == 0 or q.size(-2) * k.size(-2) < 2**31))
+    supported = _problem(q, k, v, dropout_p) is None
     return select("causal_attention", q, causal_attention_reference, causal_attention_triton, supported)(
         q, k, v, dropout_p, window)
