@@ -29,12 +29,10 @@ from pathlib import Path
 import torch
 import triton
 
+from bench.common import device_name
+
 ROOT = Path(__file__).resolve().parent.parent
 KERNEL_TESTS = ["tests/test_kernels.py", "tests/test_layernorm.py", "tests/test_mlp.py", "tests/test_attention.py"]
-
-
-def device_name() -> str:
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else (platform.processor() or "cpu")
 
 
 def slug(text: str) -> str:

@@ -175,26 +175,28 @@ def _rows(t: torch.Tensor | None, n: int) -> torch.Tensor | None:
     return t if t.stride(1) == 1 or n == 1 else t.contiguous()
 
 
-def _check(name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-           residual: torch.Tensor | None) -> None:
+def _problem(name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+             residual: torch.Tensor | None) -> str | None:
+    """Why the kernels cannot take these inputs, in one line, or None when they can."""
     for label, t in (("x", x), ("weight", weight), ("bias", bias), ("residual", residual)):
         if t is None:
             continue
         if t.dtype not in _DTYPES:
-            raise ValueError(f"{name}: the Triton kernel takes float32, float16 or bfloat16, got {label} "
-                             f"in {t.dtype}; use kernels.set_backend('reference') for other dtypes")
+            return (f"{name}: the Triton kernel takes float32, float16 or bfloat16, got {label} in {t.dtype}; "
+                    "use kernels.set_backend('reference') for other dtypes")
         if t.device != x.device:
-            raise ValueError(f"{name}: {label} is on {t.device} but x is on {x.device}; move them together")
+            return f"{name}: {label} is on {t.device} but x is on {x.device}; move them together"
     if x.size(-1) > MAX_N:
-        raise ValueError(f"{name}: the Triton kernel holds a row in registers, so N <= {MAX_N}; got N = "
-                         f"{x.size(-1)}: use kernels.set_backend('reference')")
+        return (f"{name}: the Triton kernel holds a row in registers, so N <= {MAX_N}; got N = {x.size(-1)}: "
+                "use kernels.set_backend('reference')")
+    return None
 
 
-def _supported(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-               residual: torch.Tensor | None) -> bool:
-    """Whether the kernels take these inputs (what `_check` would accept)."""
-    tensors = [t for t in (x, weight, bias, residual) if t is not None]
-    return x.size(-1) <= MAX_N and all(t.dtype in _DTYPES and t.device == x.device for t in tensors)
+def _check(name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+           residual: torch.Tensor | None) -> None:
+    problem = _problem(name, x, weight, bias, residual)
+    if problem:
+        raise ValueError(problem)
 
 
 def _forward(x, residual, weight, bias, eps, out_dtype):
@@ -405,7 +407,7 @@ def layer_norm(
 ) -> torch.Tensor:
     """LayerNorm of `x` (..., N) with `weight` (N,) and optional `bias` (N,)."""
     _check_params("layer_norm", x.size(-1), weight, bias)
-    supported = _supported(x, weight, bias, None)
+    supported = _problem("layer_norm", x, weight, bias, None) is None
     return select("layer_norm", x, layer_norm_reference, layer_norm_triton, supported)(x, weight, bias, eps)
 
 
@@ -418,6 +420,6 @@ def add_layer_norm(
         raise ValueError(f"add_layer_norm: residual {tuple(residual.shape)} must have the shape of x "
                          f"{tuple(x.shape)}")
     _check_params("add_layer_norm", x.size(-1), weight, bias)
-    supported = _supported(x, weight, bias, residual)
+    supported = _problem("add_layer_norm", x, weight, bias, residual) is None
     return select("layer_norm", x, add_layer_norm_reference, add_layer_norm_triton, supported)(
         x, residual, weight, bias, eps)

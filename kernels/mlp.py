@@ -193,28 +193,28 @@ def _gelu_backward(dy: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return dz
 
 
-def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+def _problem(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> str | None:
+    """Why the kernel cannot take these inputs, in one line, or None when it can. Under autocast the
+    dtypes do not matter: `linear_gelu_triton` casts all three to the autocast dtype."""
+    cast = torch.is_autocast_enabled(x.device.type)
     for label, t in (("weight", weight), ("bias", bias)):
         if t is None:
             continue
         if t.device != x.device:
-            raise ValueError(f"linear_gelu: {label} is on {t.device} but x is on {x.device}; move them together")
-        if t.dtype != x.dtype:
-            raise ValueError(f"linear_gelu: {label} is {t.dtype} but x is {x.dtype}: the Triton kernel takes "
-                             "one dtype (or run under torch.autocast, which casts them)")
-    if x.dtype not in _DTYPES:
-        raise ValueError(f"linear_gelu: the Triton kernel takes float32, float16 or bfloat16, got {x.dtype}; "
-                         "use kernels.set_backend('reference') for other dtypes")
+            return f"linear_gelu: {label} is on {t.device} but x is on {x.device}; move them together"
+        if t.dtype != x.dtype and not cast:
+            return (f"linear_gelu: {label} is {t.dtype} but x is {x.dtype}: the Triton kernel takes one dtype "
+                    "(or run under torch.autocast, which casts them)")
+    if x.dtype not in _DTYPES and not cast:
+        return (f"linear_gelu: the Triton kernel takes float32, float16 or bfloat16, got {x.dtype}; "
+                "use kernels.set_backend('reference') for other dtypes")
+    return None
 
 
-def _supported(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """Whether the kernel takes these inputs (what `_check` would accept, after autocast's casts)."""
-    tensors = [t for t in (x, weight, bias) if t is not None]
-    if any(t.device != x.device for t in tensors):
-        return False
-    if torch.is_autocast_enabled(x.device.type):
-        return True  # everything is cast to the autocast dtype
-    return x.dtype in _DTYPES and all(t.dtype == x.dtype for t in tensors)
+def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    problem = _problem(x, weight, bias)
+    if problem:
+        raise ValueError(problem)
 
 
 def aot_specs():
@@ -324,5 +324,5 @@ def linear_gelu(
         raise ValueError(
             f"linear_gelu: bias must have shape ({weight.size(0)},), got {tuple(bias.shape)}"
         )
-    return select("linear_gelu", x, linear_gelu_reference, linear_gelu_triton, _supported(x, weight, bias))(
-        x, weight, bias)
+    supported = _problem(x, weight, bias) is None
+    return select("linear_gelu", x, linear_gelu_reference, linear_gelu_triton, supported)(x, weight, bias)
