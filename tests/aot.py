@@ -27,6 +27,15 @@ from pathlib import Path
 ARCHS = (90, 80)
 # Shared memory one block may use (opt-in maximum), bytes: sm_90 228 KiB - 1 KiB, sm_80 164 KiB - 1 KiB.
 SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
+# ptxas sometimes parks a single 64-bit value in local memory while registers are to spare (seen at 64
+# and 168 of 255 registers), and which kernels it does it for changes between Triton releases (3.6 and 3.9
+# differ here): one cached load per loop, not register pressure. More than that is a spill.
+INCIDENTAL_SPILL_BYTES = 8
+
+
+def spilling(rows: list[dict]) -> list[dict]:
+    """The compiled configurations that spill registers (beyond ptxas' incidental 8 bytes)."""
+    return [r for r in rows if r.get("spills", 0) > INCIDENTAL_SPILL_BYTES]
 
 
 def resource_usage(cubin: bytes) -> dict:

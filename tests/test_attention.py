@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 
+import aot
 import kernels
 from conftest import DEVICE, KERNEL_DTYPES as DTYPES
 from fastgpt.model import CausalSelfAttention, GPTConfig, KVCache
@@ -331,8 +332,7 @@ def test_aot(aot_compile):
                 for dtype in ("fp16", "bf16"):
                     assert (kernel, arch, d, dtype) in kinds
     # no register spills anywhere, the presets' head dims (cpu: 32, shakespeare_char: 64) included
-    spilling = [r for r in rows if r["spills"]]
-    assert not spilling, spilling
+    assert not aot.spilling(rows), f"register spills: {aot.spilling(rows)}"
 
 
 def test_auto_backend_falls_back_to_the_reference_outside_the_kernel_limits(monkeypatch):

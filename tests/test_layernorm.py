@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import aot
 import kernels
 from conftest import DEVICE, KERNEL_DTYPES as DTYPES
 from kernels.layernorm import (MAX_N, _add_layer_norm_fwd, _layer_norm_bwd, _layer_norm_fwd,
@@ -165,8 +166,7 @@ def test_aot_compiles_every_configuration_for_sm90_and_sm80(aot_compile):
                 found = {r["kernel"] for r in rows if (r["n_embd"], r["dtype"], r["arch"]) == (n, dtype, arch)}
                 assert found == {"_layer_norm_fwd_kernel", "_layer_norm_bwd_kernel"}, (n, dtype, arch)
     assert all(r["shared"] <= r["shared_limit"] for r in rows)
-    spilling = [r for r in rows if r["spills"]]
-    assert not spilling, f"register spills: {spilling}"
+    assert not aot.spilling(rows), f"register spills: {aot.spilling(rows)}"
 
 
 def test_auto_backend_falls_back_to_the_reference_outside_the_kernel_limits(monkeypatch):
