@@ -229,7 +229,7 @@ def _backward(dy, x, weight, has_bias, mean, rstd, dh):
     dy, x, dh = _rows(dy, n), _rows(x, n), _rows(dh, n)
     dx = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
-        return dx, torch.zeros_like(weight), torch.zeros_like(weight) if has_bias else dx.new_empty(0)
+        return dx, torch.zeros_like(weight), torch.zeros_like(weight) if has_bias else weight.new_empty(0)
     block_m, block_n, num_warps = _tile(n, backward=True)
     programs = _backward_programs(m, block_m, x.device)
     rows_per_program = triton.cdiv(triton.cdiv(m, programs), block_m) * block_m
@@ -243,7 +243,7 @@ def _backward(dy, x, weight, has_bias, mean, rstd, dh):
         BLOCK_M=block_m, BLOCK_N=block_n, HAS_BIAS=has_bias, HAS_DH=dh is not None, num_warps=num_warps,
     )
     dweight = dw_partial.sum(0).to(weight.dtype)
-    dbias = db_partial.sum(0).to(weight.dtype) if has_bias else dx.new_empty(0)
+    dbias = db_partial.sum(0).to(weight.dtype) if has_bias else weight.new_empty(0)
     return dx, dweight, dbias
 
 
@@ -337,9 +337,10 @@ def _(dy, x, weight, has_bias, mean, rstd, dh):
 
 def _setup_layer_norm(ctx, inputs, output):
     x, weight, bias, _, _ = inputs
-    _, mean, rstd = output
+    y, mean, rstd = output
     ctx.save_for_backward(x, weight, mean, rstd)
     ctx.has_bias = bias is not None
+    ctx.mark_non_differentiable(mean, rstd)  # saved for the backward, never returned to users
 
 
 def _layer_norm_backward(ctx, dy, dmean, drstd):
@@ -350,16 +351,22 @@ def _layer_norm_backward(ctx, dy, dmean, drstd):
 
 def _setup_add_layer_norm(ctx, inputs, output):
     x, residual, weight, bias, _, _ = inputs
-    h, _, mean, rstd = output
+    h, y, mean, rstd = output
     ctx.save_for_backward(h, weight, mean, rstd)  # x and r are not needed: the norm was of h
     ctx.has_bias = bias is not None
-    ctx.dtypes = x.dtype, residual.dtype
+    ctx.dtypes = x.dtype, residual.dtype, y.dtype
+    ctx.mark_non_differentiable(mean, rstd)
+    # an unused h (the last block's residual stream feeds only ln_f) brings no gradient: None, not a
+    # zero-filled (M, N) tensor for the kernel to read
+    ctx.set_materialize_grads(False)
 
 
 def _add_layer_norm_backward(ctx, dh, dy, dmean, drstd):
     h, weight, mean, rstd = ctx.saved_tensors
+    x_dtype, residual_dtype, y_dtype = ctx.dtypes
+    if dy is None:  # only h was used
+        dy = torch.zeros(h.shape, dtype=y_dtype, device=h.device)
     dx, dweight, dbias = _layer_norm_bwd(dy, h, weight, ctx.has_bias, mean, rstd, dh)
-    x_dtype, residual_dtype = ctx.dtypes
     return dx.to(x_dtype), dx.to(residual_dtype), dweight, dbias if ctx.has_bias else None, None, None
 
 

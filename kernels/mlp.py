@@ -50,6 +50,7 @@ def _linear_gelu_fwd_kernel(
     Y,  # (M, N) out: gelu(z)
     Z,  # (M, N) out: z = x @ W.T + b, saved for the backward
     M, N, K,
+    M_BUCKET,  # unused by the kernel: the autotuner's key, M rounded up to a power of two
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_zm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -149,7 +150,9 @@ def _autotuned(configs):
     return triton.autotune(
         configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
                  for bm, bn, bk, w, s in configs],
-        key=["M", "N", "K", "HAS_BIAS", "INPUT_PRECISION"],
+        # M_BUCKET, not M: generation without the KV cache grows M by one row per token, and one tuning per
+        # power of two is enough (each tuning times every config)
+        key=["M_BUCKET", "N", "K", "HAS_BIAS", "INPUT_PRECISION"],
     )(_linear_gelu_fwd_kernel)
 
 
@@ -170,8 +173,8 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     z = x.new_empty((m, n))
     if m == 0 or n == 0:
         return y, z
-    args = (x, weight, bias if bias is not None else weight, y, z, m, n, k, x.stride(0), x.stride(1),
-            weight.stride(0), weight.stride(1), y.stride(0), z.stride(0))
+    args = (x, weight, bias if bias is not None else weight, y, z, m, n, k, triton.next_power_of_2(m),
+            x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), y.stride(0), z.stride(0))
     flags = dict(GROUP_M=_GROUP_M, HAS_BIAS=bias is not None, INPUT_PRECISION=_input_precision(x.dtype))
     if x.is_cuda:
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
@@ -223,7 +226,7 @@ def aot_specs():
     compiled code (M, N and K are runtime arguments), so one compilation covers n_embd 128..4096; the JIT
     specialises unit strides (contiguous rows) and sizes and strides that are multiples of 16, as they
     are for every n_embd in that range."""
-    divisible = ["M", "N", "K", "stride_xm", "stride_wn", "stride_ym", "stride_zm"]
+    divisible = ["M", "N", "K", "M_BUCKET", "stride_xm", "stride_wn", "stride_ym", "stride_zm"]
     variants = [("bf16", "tf32", _CONFIGS_16BIT, (False, True)), ("fp32", "tf32", _CONFIGS_FP32, (False, True)),
                 ("fp32", "ieee", _CONFIGS_FP32, (False,))]
     for dtype, precision, configs, biases in variants:
@@ -232,8 +235,8 @@ def aot_specs():
                 yield {
                     "fn": _linear_gelu_fwd_kernel,
                     "signature": {"X": f"*{dtype}", "W": f"*{dtype}", "B": f"*{dtype}", "Y": f"*{dtype}",
-                                  "Z": f"*{dtype}", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
-                                  "stride_xk": "constexpr", "stride_wn": "i32", "stride_wk": "constexpr",
+                                  "Z": f"*{dtype}", "M": "i32", "N": "i32", "K": "i32", "M_BUCKET": "i32",
+                                  "stride_xm": "i32", "stride_xk": "constexpr", "stride_wn": "i32", "stride_wk": "constexpr",
                                   "stride_ym": "i32", "stride_zm": "i32", "BLOCK_M": "constexpr",
                                   "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "GROUP_M": "constexpr",
                                   "HAS_BIAS": "constexpr", "INPUT_PRECISION": "constexpr"},
@@ -282,10 +285,15 @@ def _setup(ctx, inputs, output):
     x, weight, bias = inputs
     ctx.save_for_backward(x, weight, output[1])
     ctx.has_bias = bias is not None
+    # z is saved for the backward and never returned to users: no zero-filled (M, N) gradient for it
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dy, dz_out):
     x, weight, z = ctx.saved_tensors
+    if dy is None:  # y unused: nothing flows back
+        return None, None, None
     dz = _gelu_bwd(dy, z)  # (M, N)
     dx = dz @ weight  # (M, K)
     dweight = dz.t() @ x  # (N, K)
