@@ -9,9 +9,11 @@ tokens; and a sliding window of 256 keys at T=1024 and T=4096, whose cost should
 (B, T, 3C) projection, as the model makes them, in four copies used in turn so that no round finds its
 inputs in L2.
 
-extra_info carries tflops: causal attention's useful FLOPs, 4*D per (query, attended key) pair in the
-forward (2*B*H*T*T*D for full causal attention), 2.5x that in the backward, over the median time. On the
-CPU the GPU cases are skipped with the reason; one small fp32 reference case runs.
+extra_info carries tflops: causal attention's useful FLOPs, 4*D per (query, attended key) pair in the forward
+(2*B*H*T*T*D for full causal attention), 2.5x that in the backward, over the median time: the GPU's own time
+on a GPU (launch overhead excluded, see `bench.common.device_seconds`; extra_info also has the wall clock),
+the wall clock on the CPU. On the CPU the GPU cases are skipped with the reason; one small fp32 reference case
+runs.
 """
 
 from __future__ import annotations
@@ -97,20 +99,20 @@ def test_attention(benchmark, impl, b, t, window, passes):
         fn(*inputs()[:3])  # an SDPA backend that cannot take this case says so here
     except RuntimeError as error:
         pytest.skip(f"{impl} does not run this case: {str(error).splitlines()[0][:200]}")
-    warmup, rounds = (10, 50) if CUDA else (1, 3)
+    timing = dict(warmup=10 if CUDA else 1, rounds=50 if CUDA else 3, device_time=True)
     if passes == "fwd":
-        median = run_benchmark(benchmark, forward, warmup=warmup, rounds=rounds, setup=inputs)
+        median = run_benchmark(benchmark, forward, setup=inputs, **timing)
     elif passes == "bwd":
         def setup():
             q, k, v, dout = inputs()
             return fn(q, k, v), q, k, v, dout
-        median = run_benchmark(benchmark, backward, warmup=warmup, rounds=rounds, setup=setup)
+        median = run_benchmark(benchmark, backward, setup=setup, **timing)
     else:
-        median = run_benchmark(benchmark, forward_backward, warmup=warmup, rounds=rounds, setup=inputs)
+        median = run_benchmark(benchmark, forward_backward, setup=inputs, **timing)
     forward_flops = 4 * b * H * D * attended_pairs(t, window)
     flops = forward_flops * {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[passes]
     benchmark.extra_info.update(
         backend=impl, passes=passes, batch=b, heads=H, seq_len=t, head_dim=D, window=window,
         dtype=str(dtype).removeprefix("torch."), tflops=flops / median / 1e12,
-        ms=median * 1e3, **environment(),
+        **environment(),
     )

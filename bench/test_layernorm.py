@@ -1,10 +1,11 @@
 """LayerNorm and the fused residual add + LayerNorm: `pytest bench/test_layernorm.py`.
 
-Forward, backward and forward+backward of the Triton kernel vs the PyTorch reference (eager) vs the
-reference under torch.compile, at the GPT's rows (64*256, 384) and at (16384, 1024), bf16 and fp32.
-extra_info carries gb_per_s: the bytes an ideal implementation must move (read x, write y; backward: read
-x and dy, write dx; the residual variant also reads r, writes h and reads dh) over the median time.
-On the CPU only the references run, in fp32: the Triton cases are skipped with the reason.
+Forward, backward and forward+backward of the Triton kernel vs the PyTorch reference (eager) vs the reference
+under torch.compile, at the GPT's rows (64*256, 384) and at (16384, 1024), bf16 and fp32. extra_info carries
+gb_per_s: the bytes an ideal implementation must move (read x, write y; backward: read x and dy, write dx; the
+residual variant also reads r, writes h and reads dh) over the median time: the GPU's own time on a GPU
+(launch overhead excluded, see `bench.common.device_seconds`; extra_info also has the wall clock), the wall
+clock on the CPU. On the CPU only the references run, in fp32: the Triton cases are skipped with the reason.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def test_layernorm(benchmark, op, impl, rows, dtype, passes):
     dy = torch.randn(rows, generator=g, device=DEVICE, dtype=dtype)
     fn = implementation(op, impl)
     inputs = (x, w) if op == "layer_norm" else (x, r, w)
-    warmup, rounds = (10 if impl == "compiled" else 5), (50 if CUDA else 5)
+    timing = dict(warmup=10 if impl == "compiled" else 5, rounds=50 if CUDA else 5, device_time=True)
 
     def forward():
         out = fn(*inputs)
@@ -71,13 +72,13 @@ def test_layernorm(benchmark, op, impl, rows, dtype, passes):
         torch.autograd.grad(outputs, inputs, (dy,) * len(outputs))
 
     if passes == "fwd":
-        median = run_benchmark(benchmark, forward, warmup=warmup, rounds=rounds)
+        median = run_benchmark(benchmark, forward, **timing)
     elif passes == "bwd":
-        median = run_benchmark(benchmark, backward, warmup=warmup, rounds=rounds, setup=lambda: (forward(),))
+        median = run_benchmark(benchmark, backward, setup=lambda: (forward(),), **timing)
     else:
-        median = run_benchmark(benchmark, lambda: backward(forward()), warmup=warmup, rounds=rounds)
+        median = run_benchmark(benchmark, lambda: backward(forward()), **timing)
     tensors = sum(TENSORS_MOVED[(op, p)] for p in ("fwd", "bwd") if p in passes)
     benchmark.extra_info.update(
-        gb_per_s=tensors * m * n * x.element_size() / median / 1e9, ms=median * 1e3, op=op, backend=impl,
+        gb_per_s=tensors * m * n * x.element_size() / median / 1e9, op=op, backend=impl,
         rows=list(rows), dtype=str(dtype)[6:], passes=passes, **environment(),
     )

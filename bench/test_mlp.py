@@ -1,11 +1,12 @@
 """linear + GELU (the MLP's first half): `pytest bench/test_mlp.py`.
 
-Forward, backward and forward+backward of the Triton kernel (matmul with the bias and GELU in its
-epilogue) vs the PyTorch reference (cuBLAS matmul, then GELU) vs the reference under torch.compile
-(cuBLAS plus a fused elementwise kernel), at the GPT's MLP (64*256, 384) -> 1536 and at
-(16384, 1024) -> 4096, bf16 and fp32. extra_info carries tflops: 2*M*N*K per forward, twice that per
-backward, over the median time. On the CPU only the references run, in fp32 and at the smaller shape:
-the other cases are skipped with the reason.
+Forward, backward and forward+backward of the Triton kernel (matmul with the bias and GELU in its epilogue) vs
+the PyTorch reference (cuBLAS matmul, then GELU) vs the reference under torch.compile (cuBLAS plus a fused
+elementwise kernel), at the GPT's MLP (64*256, 384) -> 1536 and at (16384, 1024) -> 4096, bf16 and fp32.
+extra_info carries tflops: 2*M*N*K per forward, twice that per backward, over the median time: the GPU's own
+time on a GPU (launch overhead excluded, see `bench.common.device_seconds`; extra_info also has the wall
+clock), the wall clock on the CPU. On the CPU only the references run, in fp32 and at the smaller shape: the
+other cases are skipped with the reason.
 """
 
 from __future__ import annotations
@@ -59,15 +60,15 @@ def test_linear_gelu(benchmark, impl, shape, dtype, passes):
     def backward(y):
         torch.autograd.grad(y, (x, w, b), dy)
 
-    warmup, rounds = (10 if impl == "compiled" else 5), (50 if CUDA else 3)
+    timing = dict(warmup=10 if impl == "compiled" else 5, rounds=50 if CUDA else 3, device_time=True)
     if passes == "fwd":
-        median = run_benchmark(benchmark, lambda: fn(x, w, b), warmup=warmup, rounds=rounds)
+        median = run_benchmark(benchmark, lambda: fn(x, w, b), **timing)
     elif passes == "bwd":
-        median = run_benchmark(benchmark, backward, warmup=warmup, rounds=rounds, setup=lambda: (fn(x, w, b),))
+        median = run_benchmark(benchmark, backward, setup=lambda: (fn(x, w, b),), **timing)
     else:
-        median = run_benchmark(benchmark, lambda: backward(fn(x, w, b)), warmup=warmup, rounds=rounds)
+        median = run_benchmark(benchmark, lambda: backward(fn(x, w, b)), **timing)
     flops = 2 * m * n * k * ((1 if "fwd" in passes else 0) + (2 if "bwd" in passes else 0))
     benchmark.extra_info.update(
-        tflops=flops / median / 1e12, ms=median * 1e3, backend=impl, shape=[m, k, n], dtype=str(dtype)[6:],
+        tflops=flops / median / 1e12, backend=impl, shape=[m, k, n], dtype=str(dtype)[6:],
         passes=passes, **environment(),
     )
