@@ -29,6 +29,15 @@ SHAKESPEARE = Path(os.environ.get("FASTGPT_TINYSHAKESPEARE",
                                   ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"))
 
 
+@pytest.fixture(autouse=True)
+def _restore_tf32_flags():
+    """The trainer turns TF32 on for the process on CUDA, as nanoGPT does; an in-process training test
+    must not leave it on for the fp32 kernel tests that follow."""
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
 @pytest.fixture
 def triton_kernels():
     """The Triton kernels selected, and tensors created on DEVICE unless a test says otherwise."""

@@ -8,8 +8,8 @@ from conftest import run_module
 
 
 def test_report_writes_json_and_markdown(small_corpus, tmp_path):
-    tiny = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4", "--eval_iters=2",
-            "--eval_interval=10", f"--data_dir={tmp_path}"]
+    tiny = ["--device=cpu", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4",
+            "--eval_iters=2", "--eval_interval=10", f"--data_dir={tmp_path}"]
     proc = run_module("bench.report", "--skip_tests", "--skip_bench", "--preset=cpu", "--max_iters=20",
                       "--target_val_loss=2.9", f"--data_file={small_corpus}", f"--out={tmp_path / 'out'}",
                       *[f"--train_flag={flag}" for flag in tiny])
@@ -21,7 +21,7 @@ def test_report_writes_json_and_markdown(small_corpus, tmp_path):
     for r in runs:
         assert r["exit_code"] == 0 and r["iters"] is not None and r["train_seconds"] > 0
         assert r["val_curve"][0][0] == 0 and r["tokens_per_sec"] > 0
-        assert r["command"].startswith("-m fastgpt.train --preset=cpu")
+        assert r["command"].startswith("-m fastgpt.train --preset=cpu") and r["device"] == "cpu"
     markdown = report_json.with_suffix(".md").read_text()
     assert "## Time to target (cpu)" in markdown and "--reference" in markdown
     assert report["environment"]["torch"] and report["environment"]["triton"]
@@ -32,3 +32,13 @@ def test_report_rejects_a_missing_corpus(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"bench.report: error: --data_file={tmp_path / 'nope.txt'} is not a file: pass the corpus path"]
+
+
+def test_report_stops_before_any_phase_when_it_cannot_get_the_corpus(tmp_path):
+    """Without --data_file the corpus is fetched first, so an offline machine stops before the tests and
+    benchmarks, not after them (here data/tinyshakespeare/input.txt is a directory, which fails the same way)."""
+    (tmp_path / "tinyshakespeare" / "input.txt").mkdir(parents=True)
+    proc = run_module("bench.report", f"--data_dir={tmp_path}", f"--out={tmp_path / 'out'}")
+    assert proc.returncode == 2 and not (tmp_path / "out").exists()
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("bench.report: error: ") and "pass --data_file=PATH" in line

@@ -15,8 +15,8 @@ from fastgpt.config import UserError, parse_train_args
 
 from conftest import ROOT
 
-TINY = ["--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=8", "--batch_size=4", "--eval_iters=2",
-        "--sample_chars=0", "--log_interval=5"]
+TINY = ["--device=cpu", "--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=8", "--batch_size=4",
+        "--eval_iters=2", "--sample_chars=0", "--log_interval=5"]
 
 
 @pytest.fixture

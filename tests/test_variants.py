@@ -15,7 +15,7 @@ from fastgpt.model import (MODELS, AttentionLanguageModel, BigramLanguageModel, 
                            build_model)
 
 TINY = GPTConfig(vocab_size=11, block_size=12, n_layer=2, n_head=2, n_embd=16, dropout=0.2)
-TRAIN_FLAGS = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=8",
+TRAIN_FLAGS = ["--device=cpu", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=8",
                "--eval_iters=4", "--sample_chars=0", "--warmup_iters=0", "--learning_rate=1e-2",
                "--log_interval=10"]
 
