@@ -17,8 +17,8 @@ from fastgpt.config import PRESETS, UserError
 
 from conftest import ROOT
 
-TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4", "--eval_iters=2",
-        "--sample_chars=0", "--warmup_iters=5", "--lr_decay_iters=60", "--log_interval=1"]
+TINY = ["--device=cpu", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4",
+        "--eval_iters=2", "--sample_chars=0", "--warmup_iters=5", "--lr_decay_iters=60", "--log_interval=1"]
 
 
 def read_metrics(out_dir):
@@ -188,3 +188,36 @@ def test_target_val_loss_stops_at_the_first_evaluation_that_reaches_it(small_cor
     assert 0 < summary["train_seconds"] < summary["wall_seconds"]
     assert load_checkpoint(tmp_path / "target" / "ckpt.pt")["iter_num"] == 20
     assert f"val loss <= {target} reached at iter 20 after" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA training path needs a GPU")
+def test_cuda_trains_compiled_on_the_kernels_in_bf16_and_reports_mfu(small_corpus, tmp_path, capsys):
+    """The GPU default: bf16 autocast, torch.compile, the Triton kernels; MFU against the device's peak."""
+    out = tmp_path / "out"
+    flags = [f"--data_file={small_corpus}", f"--data_dir={tmp_path}", f"--out_dir={out}", "--n_layer=2",
+             "--n_head=2", "--n_embd=64", "--block_size=32", "--batch_size=16", "--eval_iters=2",
+             "--sample_chars=20", "--max_iters=40", "--eval_interval=20", "--log_interval=10",
+             "--learning_rate=3e-3", "--warmup_iters=5", "--lr_decay_iters=40", "--dropout=0.1"]
+    assert train.main(flags) == 0
+    text = capsys.readouterr().out
+    assert "bfloat16, compile on, kernels auto" in text and "compiled in" in text and "sample:" in text
+    steps, evals = read_metrics(out)
+    assert evals[40] < evals[0] - 0.5
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    peak = train.peak_flops(torch.device("cuda"))
+    assert all((r["mfu"] is not None) == (peak is not None) for r in records if "loss" in r)
+    assert records[-1]["summary"] and records[-1]["compile_seconds"] > 0
+
+
+def test_cpu_training_reuses_freed_memory_instead_of_faulting_in_fresh_pages():
+    """After keep_freed_memory, a step's worth of large tensors freed and allocated again comes from the
+    heap: no page faults (glibc's default would return them to the OS and fault them in again)."""
+    import resource
+
+    if not train.keep_freed_memory():
+        pytest.skip("not glibc: mallopt is unavailable")
+    torch.ones(64, 2**15).sum()  # 8 MiB, faulted in once
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(20):
+        torch.ones(64, 2**15).sum()
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < 200  # 20 x 2048 pages otherwise
