@@ -28,18 +28,23 @@ from fastgpt.distributed import World
 from fastgpt.model import build_model
 from fastgpt.sample import complete
 
-# dense bf16 tensor-core peaks in FLOP/s, matched against torch.cuda.get_device_name()
+# dense bf16 tensor-core peaks in FLOP/s, matched in this order against torch.cuda.get_device_name() (the
+# first key found in the name wins, so "H100 NVL" before "H100" and "L40S", "L40" before "L4")
 PEAK_BF16_FLOPS = {
-    "H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "GH200": 989e12, "A100": 312e12,
-    "L40S": 362e12, "L4": 121e12, "A10G": 70e12, "A10": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12,
+    "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12,
+    "L40S": 362e12, "L40": 181e12, "L4": 121e12, "A10G": 70e12, "A10": 125e12, "RTX 4090": 165e12,
+    "RTX 3090": 71e12,
 }
 
 
-def peak_flops(device: torch.device) -> float | None:
+def peak_flops(device: torch.device, dtype: str = "bfloat16") -> float | None:
+    """The device's dense peak for the run's matmuls: bf16, or TF32 (half of it on these GPUs) for float32
+    runs, which the trainer lets use TF32. None off CUDA or for a GPU not in the table."""
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
+    peak = next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
+    return peak / 2 if peak is not None and dtype == "float32" else peak
 
 
 def keep_freed_memory() -> bool:
@@ -253,7 +258,7 @@ def train(cfg: TrainConfig, given: set[str], ckpt: dict | None, world: World) ->
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext())
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size  # all processes
     flops_per_iter = raw_model.flops_per_token() * tokens_per_iter
-    peak = peak_flops(device)
+    peak = peak_flops(device, dtype)
     peak = peak * world.size if peak else None  # every process' GPU
     log(f"fastgpt: {cfg.model} model, {raw_model.get_num_params() / 1e6:.2f}M parameters, "
         f"{corpus.tokenizer.vocab_size} characters, {len(corpus.train):,} train / {len(corpus.val):,} val "

@@ -221,3 +221,15 @@ def test_cpu_training_reuses_freed_memory_instead_of_faulting_in_fresh_pages():
     for _ in range(20):
         torch.ones(64, 2**15).sum()
     assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < 200  # 20 x 2048 pages otherwise
+
+
+@pytest.mark.parametrize("name, dtype, peak", [
+    ("NVIDIA H100 80GB HBM3", "bfloat16", 989e12), ("NVIDIA H100 NVL", "bfloat16", 835e12),
+    ("NVIDIA H100 PCIe", "bfloat16", 756e12), ("NVIDIA GH200 480GB", "bfloat16", 989e12),
+    ("NVIDIA L40", "bfloat16", 181e12), ("NVIDIA L40S", "bfloat16", 362e12), ("NVIDIA L4", "bfloat16", 121e12),
+    ("NVIDIA A100-SXM4-40GB", "float32", 156e12), ("Some Future GPU", "bfloat16", None),
+])
+def test_mfu_peak_matches_the_device_name(monkeypatch, name, dtype, peak):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert train.peak_flops(torch.device("cuda"), dtype) == peak
+    assert train.peak_flops(torch.device("cpu"), dtype) is None
