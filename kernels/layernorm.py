@@ -12,9 +12,10 @@ benchmark baseline. The Triton kernels:
   backward  dx for a run of rows per program, with that program's partial dW / dB sums accumulated in
             fp32 registers and written once; the partials are then reduced over programs (deterministic:
             no atomics).
-A row (n_embd) is held whole in registers, so N is limited to MAX_N (16384); rows of any count and
-strides are fine (the last dimension must be contiguous, otherwise the launcher copies). fp32, fp16 and
-bf16 inputs; weights may be of another float type (fp32 parameters under bf16 autocast). Under autocast
+A row (n_embd) is held whole in registers, so N is limited to MAX_N (4096: wider rows spill registers
+in the backward, 32 bytes at 8192 and 1.7 KB at 16384 on sm_90, so `auto` runs the reference there);
+rows of any count and strides are fine (the last dimension must be contiguous, otherwise the launcher
+copies). fp32, fp16 and bf16 inputs; weights may be of another float type (fp32 parameters under bf16 autocast). Under autocast
 the output is produced in the autocast dtype directly: the linear layer that reads it would cast it to
 that dtype anyway, so the maths is unchanged and a full fp32 write and read are saved.
 """
@@ -28,7 +29,7 @@ import triton.language as tl
 
 from kernels.backend import select
 
-MAX_N = 16384
+MAX_N = 4096
 
 
 def layer_norm_reference(
@@ -248,12 +249,13 @@ def _backward(dy, x, weight, has_bias, mean, rstd, dh):
 
 
 def aot_specs():
-    """Every configuration the launchers may compile, for n_embd in {128, 384, 768, 1024, 4096}, with
-    and without bias and residual, in fp32 and in bf16 as autocast runs it (fp32 residual stream and
-    weights, bf16 branch outputs and normalised rows)."""
+    """Every configuration the launchers may compile for n_embd from 64 to MAX_N (one width per row tile:
+    64, 128, 256, 384 -> 512, 768 -> 1024, 1600 -> 2048, 4096), with and without bias and residual, in fp32
+    and in bf16 as autocast runs it (fp32 residual stream and weights, bf16 branch outputs and normalised
+    rows)."""
     dtypes = {"fp32": dict(x="fp32", r="fp32", w="fp32", y="fp32"),
               "bf16": dict(x="fp32", r="bf16", w="fp32", y="bf16")}
-    for n in (128, 384, 768, 1024, 4096):
+    for n in (64, 128, 256, 384, 768, 1600, MAX_N):
         for tag, t in dtypes.items():
             for residual in (False, True):
                 for has_bias in (False, True):

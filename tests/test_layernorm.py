@@ -10,7 +10,7 @@ import torch
 import aot
 import kernels
 from conftest import DEVICE, KERNEL_DTYPES as DTYPES
-from kernels.layernorm import (MAX_N, _add_layer_norm_fwd, _layer_norm_bwd, _layer_norm_fwd,
+from kernels.layernorm import (MAX_N, _add_layer_norm_fwd, _layer_norm_bwd, _layer_norm_fwd, _tile,
                                add_layer_norm_reference, layer_norm_reference)
 
 SHAPES = [(1, 1, 7), (3, 7, 384), (2, 129, 1000), (4, 65, 768)]
@@ -160,11 +160,14 @@ def test_aot_compiles_every_configuration_for_sm90_and_sm80(aot_compile):
     rows = aot_compile("kernels.layernorm")
     errors = [r for r in rows if "error" in r]
     assert not errors, errors[:3]
-    for n in (128, 384, 768, 1024, 4096):
+    # every row tile the launcher picks for a width from 64 to MAX_N is among them, forward and backward
+    for kernel, backward in (("_layer_norm_fwd_kernel", False), ("_layer_norm_bwd_kernel", True)):
+        needed = {_tile(n, backward) for n in range(64, MAX_N + 1)}
         for dtype in ("fp32", "bf16"):
             for arch in (90, 80):
-                found = {r["kernel"] for r in rows if (r["n_embd"], r["dtype"], r["arch"]) == (n, dtype, arch)}
-                assert found == {"_layer_norm_fwd_kernel", "_layer_norm_bwd_kernel"}, (n, dtype, arch)
+                compiled = {(r["constexprs"]["BLOCK_M"], r["constexprs"]["BLOCK_N"], r["num_warps"])
+                            for r in rows if (r["kernel"], r["dtype"], r["arch"]) == (kernel, dtype, arch)}
+                assert needed <= compiled, (kernel, dtype, arch, needed - compiled)
     assert all(r["shared"] <= r["shared_limit"] for r in rows)
     assert not aot.spilling(rows), f"register spills: {aot.spilling(rows)}"
 
