@@ -8,8 +8,9 @@ corpus path is given (without one it downloads Tiny Shakespeare first, or stops 
 cannot). It writes `bench/results/<date>-<device>.json` (every figure and the commands that produced them)
 and a `.md` with the tables, rewritten after each phase so that an interrupted report keeps what it
 measured. Each phase can be skipped (`--skip_tests`, `--skip_bench`, `--skip_train`) or narrowed
-(`--bench_filter=EXPR` is pytest's -k); on the CPU it runs too, as a smoke test of the report itself (the
-Triton benchmark cases are skipped there).
+(`--bench_filter=EXPR` is pytest's -k); a call that skips a phase keeps that phase from an earlier report
+of the same day, device, versions and commit, so a report can be made one phase per call. On the CPU it
+runs too, as a smoke test of the report itself (the Triton benchmark cases are skipped there).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 KERNEL_TESTS = ["tests/test_kernels.py", "tests/test_layernorm.py", "tests/test_mlp.py", "tests/test_attention.py"]
 # the ahead-of-time compilation tests check sm_90 and sm_80 without a GPU: CI runs them, a GPU has no news
 NATIVE_ONLY = "not aot"
+PHASES = ("kernel_tests", "benchmarks", "time_to_target")
 
 
 def slug(text: str) -> str:
@@ -134,7 +136,9 @@ def markdown(report: dict) -> str:
     env = report["environment"]
     lines = [f"# fastgpt GPU report: {env['device']}, {report['date']}", "",
              f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, Python {env['python']}; "
-             f"fastgpt commit {env['commit']}. Command: `{report['command']}`", ""]
+             f"fastgpt commit {env['commit']}. " + ("Command: " if len(report["commands"]) == 1 else
+                                                     "Made in parts by: ") +
+             ", ".join(f"`{c}`" for c in report["commands"]), ""]
     tests = report.get("kernel_tests")
     if tests:
         lines += ["## Kernel tests, native", "", f"`{tests['command']}`: **{tests['passed']} passed, "
@@ -204,12 +208,21 @@ def main(argv: list[str] | None = None) -> int:
     stem = out / f"{date}-{slug(device_name())}"
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip() or "unknown"
+    command = shlex.join(["python", "-m", "bench.report", *(argv if argv is not None else sys.argv[1:])])
     report = {
-        "date": date, "preset": args.preset,
-        "command": shlex.join(["python", "-m", "bench.report", *(argv or sys.argv[1:])]),
+        "date": date, "preset": args.preset, "commands": [command],
         "environment": {"device": device_name(), "torch": torch.__version__, "triton": triton.__version__,
                         "cuda": torch.version.cuda, "python": platform.python_version(), "commit": commit},
     }
+    # A report can be made in parts (one phase per call, e.g. under a per-command time limit): a call keeps
+    # the phases of an earlier report of the same day, device, versions and commit that it does not run.
+    try:
+        earlier = json.loads(Path(f"{stem}.json").read_text())
+    except (OSError, ValueError):
+        earlier = {}
+    if earlier.get("environment") == report["environment"] and earlier.get("preset") == args.preset:
+        report.update({phase: earlier[phase] for phase in PHASES if phase in earlier})
+        report["commands"] = earlier.get("commands", []) + [command]
 
     def save(done: bool) -> None:
         report["seconds"] = time.perf_counter() - started
@@ -218,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         status = "written" if done else "so far, still running"
         Path(f"{stem}.md").write_text(markdown(report) + f"\nReport {status}: {report['seconds']:.0f} s.\n")
 
-    with tempfile.TemporaryDirectory() as tmp, open(f"{stem}.log", "w") as log:
+    with tempfile.TemporaryDirectory() as tmp, open(f"{stem}.log", "a") as log:
         work = Path(tmp)
         if not args.skip_tests:
             report["kernel_tests"] = kernel_tests(work, log)

@@ -24,7 +24,15 @@ def test_report_writes_json_and_markdown(small_corpus, tmp_path):
         assert r["command"].startswith("-m fastgpt.train --preset=cpu") and r["device"] == "cpu"
     markdown = report_json.with_suffix(".md").read_text()
     assert "## Time to target (cpu)" in markdown and "--reference" in markdown
-    assert report["environment"]["torch"] and report["environment"]["triton"]
+    assert report["environment"]["torch"] and report["environment"]["triton"] and report["complete"]
+
+    # a later call that skips the training keeps it: a report can be made one phase per call
+    again = run_module("bench.report", "--skip_tests", "--skip_bench", "--skip_train", "--preset=cpu",
+                       f"--out={tmp_path / 'out'}")
+    assert again.returncode == 0, again.stderr
+    merged = json.loads(report_json.read_text())
+    assert merged["time_to_target"] == runs and len(merged["commands"]) == 2
+    assert "Made in parts by" in report_json.with_suffix(".md").read_text()
 
 
 def test_report_rejects_a_missing_corpus(tmp_path):
