@@ -252,7 +252,8 @@ def aot_specs():
     """Every configuration the launchers may compile for n_embd from 64 to MAX_N (one width per row tile:
     64, 128, 256, 384 -> 512, 768 -> 1024, 1600 -> 2048, 4096), with and without bias and residual, in fp32
     and in bf16 as autocast runs it (fp32 residual stream and weights, bf16 branch outputs and normalised
-    rows)."""
+    rows), with the argument types the launchers pass and the divisibility the JIT sees at the presets'
+    shapes (row counts B*T and widths multiples of 16)."""
     dtypes = {"fp32": dict(x="fp32", r="fp32", w="fp32", y="fp32"),
               "bf16": dict(x="fp32", r="bf16", w="fp32", y="bf16")}
     for n in (64, 128, 256, 384, 768, 1600, MAX_N):
@@ -260,10 +261,12 @@ def aot_specs():
             for residual in (False, True):
                 for has_bias in (False, True):
                     tags = {"n_embd": n, "dtype": tag, "residual": residual, "bias": has_bias}
+                    # without a residual the launchers pass x for R, y for H and dy for DH (unused)
+                    r, h, dh = (t["r"], t["x"], t["x"]) if residual else (t["x"], t["y"], t["y"])
                     block_m, block_n, num_warps = _tile(n, backward=False)
                     yield {
                         "fn": _layer_norm_fwd_kernel,
-                        "signature": {"X": f"*{t['x']}", "R": f"*{t['r']}", "H": f"*{t['x']}",
+                        "signature": {"X": f"*{t['x']}", "R": f"*{r}", "H": f"*{h}",
                                       "Y": f"*{t['y']}", "W": f"*{t['w']}", "B": f"*{t['w']}",
                                       "Mean": "*fp32", "Rstd": "*fp32", "stride_xm": "i32",
                                       "stride_rm": "i32", "stride_hm": "i32", "stride_ym": "i32",
@@ -272,13 +275,14 @@ def aot_specs():
                                       "HAS_RESIDUAL": "constexpr"},
                         "constexprs": {"BLOCK_M": block_m, "BLOCK_N": block_n, "HAS_BIAS": has_bias,
                                        "HAS_RESIDUAL": residual},
+                        "divisible": ["stride_xm", "stride_rm", "stride_hm", "stride_ym", "M", "N"],
                         "num_warps": num_warps, "num_stages": 1, "tags": tags,
                     }
                     block_m, block_n, num_warps = _tile(n, backward=True)
                     yield {
                         "fn": _layer_norm_bwd_kernel,
                         "signature": {"DY": f"*{t['y']}", "X": f"*{t['x']}", "W": f"*{t['w']}",
-                                      "Mean": "*fp32", "Rstd": "*fp32", "DH": f"*{t['x']}",
+                                      "Mean": "*fp32", "Rstd": "*fp32", "DH": f"*{dh}",
                                       "DX": f"*{t['x']}", "DW_PARTIAL": "*fp32", "DB_PARTIAL": "*fp32",
                                       "stride_dym": "i32", "stride_xm": "i32", "stride_dhm": "i32",
                                       "stride_dxm": "i32", "M": "i32", "N": "i32",
@@ -286,6 +290,7 @@ def aot_specs():
                                       "BLOCK_N": "constexpr", "HAS_BIAS": "constexpr", "HAS_DH": "constexpr"},
                         "constexprs": {"BLOCK_M": block_m, "BLOCK_N": block_n, "HAS_BIAS": has_bias,
                                        "HAS_DH": residual},
+                        "divisible": ["stride_dym", "stride_xm", "stride_dhm", "stride_dxm", "M", "N"],
                         "num_warps": num_warps, "num_stages": 1, "tags": tags,
                     }
 
