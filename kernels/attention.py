@@ -29,8 +29,9 @@ Dropout is counter-based: the keep decision of entry (b, h, i, j) is `uniform(ke
 the backward regenerates the forward's mask and no mask is stored. `_dropout_keep_mask` materialises
 it for tests.
 
-Limitations of the Triton path: head_dim in {16, 32, 64, 128}; float16, bfloat16 or float32 (float32
-products at full "ieee" precision, not TF32); CUDA tensors (or the Triton interpreter); q, k, v may be
+Limitations of the Triton path: head_dim in {16, 32, 64, 128}; batch * heads <= 65535 (a grid axis);
+float16, bfloat16 or float32 (float32 products at full "ieee" precision, not TF32); CUDA tensors (or the
+Triton interpreter); q, k, v may be
 any strided views (the fused qkv projection's) as long as the head dimension has unit stride, else they
 are copied.
 """
@@ -191,10 +192,9 @@ def _attention_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    # grid (B*H, query tiles): axis 0 takes up to 2**31 - 1 programs, axes 1 and 2 only 65535. The last
-    # query tiles see the most keys: they are launched first (for every head), so short ones fill the tail.
-    start_m = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
-    bh = tl.program_id(0)
+    # the last query tiles see the most keys: launch them first so the short ones fill the tail
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     Q += b * stride_qb + h * stride_qh
@@ -239,10 +239,10 @@ def _attention_bwd_preprocess_kernel(
     H, Tq,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    bh = tl.program_id(0)
+    bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m[:, None] < Tq
     o = tl.load(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
@@ -321,8 +321,8 @@ def _attention_bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    start_n = tl.program_id(1) * BLOCK_N
-    bh = tl.program_id(0)
+    start_n = tl.program_id(0) * BLOCK_N
+    bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     Q += b * stride_qb + h * stride_qh
@@ -414,8 +414,8 @@ def _attention_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    start_m = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
-    bh = tl.program_id(0)
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     Q += b * stride_qb + h * stride_qh
@@ -456,10 +456,10 @@ def _attention_dropout_mask_kernel(
     Tq, Tk, dropout_p,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    bh = tl.program_id(0)
+    bh = tl.program_id(2)
     seed = _head_seed(Seed, bh, True)
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     keep = _dropout_keep(seed, offs_m[:, None], offs_n[None, :], Tk, dropout_p)
     tl.store(Mask + bh.to(tl.int64) * Tq * Tk + offs_m[:, None] * Tk + offs_n[None, :], keep.to(tl.int8),
              mask=(offs_m[:, None] < Tq) & (offs_n[None, :] < Tk))
@@ -470,6 +470,9 @@ def _attention_dropout_mask_kernel(
 
 _DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 HEAD_DIMS = (16, 32, 64, 128)
+# B*H is the launch grid's second axis, which CUDA caps at 65535 programs (the first axis, the query or
+# key tiles, is the one without a cap, but it keeps a head's tiles together so they share its K/V in L2)
+MAX_BATCH_HEADS = 65535
 DECODE_ROWS = 16  # Tq up to this without dropout (KV-cached generation): 16-row query tiles
 
 
@@ -517,6 +520,9 @@ def _problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float
     if q.size(-1) not in HEAD_DIMS:
         return (f"causal_attention: the Triton kernel supports head_dim in {', '.join(map(str, HEAD_DIMS))}, got "
                 f"{q.size(-1)}; choose n_embd / n_head accordingly or use kernels.set_backend('reference')")
+    if q.size(0) * q.size(1) > MAX_BATCH_HEADS:
+        return (f"causal_attention: the Triton kernels take batch * heads <= {MAX_BATCH_HEADS}, got "
+                f"{q.size(0)} x {q.size(1)}; use a smaller batch or kernels.set_backend('reference')")
     if dropout_p > 0 and q.size(-2) * k.size(-2) >= 2**31:
         return (f"causal_attention: dropout in the Triton kernel needs Tq * Tk < 2**31, got {q.size(-2)} x "
                 f"{k.size(-2)}")
@@ -567,7 +573,7 @@ def _forward(q, k, v, seed, dropout_p, window):
         return out, lse
     decode = tq <= DECODE_ROWS and dropout_p == 0
     block_m, block_n, num_warps, num_stages = _tiles(d, q.dtype, decode)["fwd"]
-    _attention_fwd_kernel[(b * h, triton.cdiv(tq, block_m))](
+    _attention_fwd_kernel[(triton.cdiv(tq, block_m), b * h)](
         q, k, v, out, lse, _seed_arg(seed, q),
         *_strides(q), *_strides(k), *_strides(v), *_strides(out),
         h, tq, tk, _window(window, tk), math.log2(math.e) / math.sqrt(d), dropout_p,
@@ -588,7 +594,7 @@ def _backward(dout, q, k, v, out, lse, seed, dropout_p, window):
     tiles = _tiles(d, q.dtype)
     delta = torch.empty_like(lse)
     block_m, _, num_warps, num_stages = tiles["preprocess"]
-    _attention_bwd_preprocess_kernel[(b * h, triton.cdiv(tq, block_m))](
+    _attention_bwd_preprocess_kernel[(triton.cdiv(tq, block_m), b * h)](
         out, dout, delta, *_strides(out), *_strides(dout), h, tq,
         HEAD_DIM=d, BLOCK_M=block_m, num_warps=num_warps, num_stages=num_stages,
     )
@@ -596,13 +602,13 @@ def _backward(dout, q, k, v, out, lse, seed, dropout_p, window):
     scalars = (h, tq, tk, _window(window, tk), math.log2(math.e) / math.sqrt(d), 1.0 / math.sqrt(d), dropout_p)
     seed = _seed_arg(seed, q)
     block_m, block_n, num_warps, num_stages = tiles["dkdv"]
-    _attention_bwd_dkdv_kernel[(b * h, triton.cdiv(tk, block_n))](
+    _attention_bwd_dkdv_kernel[(triton.cdiv(tk, block_n), b * h)](
         q, dout, k, v, lse, delta, dk, dv, seed,
         *_strides(q), *_strides(dout), *_strides(k), *_strides(v), *_strides(dk), *_strides(dv), *scalars,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, **common,
     )
     block_m, block_n, num_warps, num_stages = tiles["dq"]
-    _attention_bwd_dq_kernel[(b * h, triton.cdiv(tq, block_m))](
+    _attention_bwd_dq_kernel[(triton.cdiv(tq, block_m), b * h)](
         q, dout, k, v, lse, delta, dq, seed,
         *_strides(q), *_strides(dout), *_strides(k), *_strides(v), *_strides(dq), *scalars,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, **common,
@@ -613,7 +619,7 @@ def _backward(dout, q, k, v, out, lse, seed, dropout_p, window):
 def _dropout_keep_mask(seed: torch.Tensor, b: int, h: int, tq: int, tk: int, dropout_p: float) -> torch.Tensor:
     """(B, H, Tq, Tk) boolean: the keep-mask the kernels draw from `seed` (for tests and debugging)."""
     mask = seed.new_empty((b * h, tq, tk), dtype=torch.int8)
-    _attention_dropout_mask_kernel[(b * h, triton.cdiv(tq, 64), triton.cdiv(tk, 64))](
+    _attention_dropout_mask_kernel[(triton.cdiv(tq, 64), triton.cdiv(tk, 64), b * h)](
         seed, mask, tq, tk, dropout_p, BLOCK_M=64, BLOCK_N=64)
     return mask.view(b, h, tq, tk).bool()
 

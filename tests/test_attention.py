@@ -345,4 +345,6 @@ def test_auto_backend_falls_back_to_the_reference_outside_the_kernel_limits(monk
     q = torch.zeros(1, 1, 4, 64, device=DEVICE)
     attention.causal_attention(q, q, q)
     attention.causal_attention(q.double(), q.double(), q.double())
-    assert chosen == [False, True, False]
+    wide = torch.zeros(1, 1, 4, 64, device=DEVICE).expand(attention.MAX_BATCH_HEADS + 1, 1, 4, 64)
+    attention.causal_attention(wide, wide, wide)  # more (batch, head) pairs than a grid axis holds
+    assert chosen == [False, True, False, False]
