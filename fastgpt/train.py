@@ -31,9 +31,9 @@ from fastgpt.sample import complete
 # dense bf16 tensor-core peaks in FLOP/s, matched in this order against torch.cuda.get_device_name() (the
 # first key found in the name wins, so "H100 NVL" before "H100" and "L40S", "L40" before "L4")
 PEAK_BF16_FLOPS = {
-    "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12,
-    "L40S": 362e12, "L40": 181e12, "L4": 121e12, "A10G": 70e12, "A10": 125e12, "RTX 4090": 165e12,
-    "RTX 3090": 71e12,
+    "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12, "H200 NVL": 835e12, "H200": 989e12,
+    "A100": 312e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12, "A10G": 70e12, "A10": 125e12,
+    "RTX 4090": 165e12, "RTX 3090": 71e12,
 }
 
 
@@ -52,14 +52,18 @@ def keep_freed_memory() -> bool:
     has its own caching allocator). By default blocks over 128 KiB are mmap'ed and unmapped on free, and
     the heap top is trimmed, so every step's activations come back as fresh pages that the kernel must
     fault in and zero: about 1,000 page faults and several ms of system time per step of the cpu preset.
-    With the thresholds raised, a step reuses the previous step's memory. Returns whether it applied
-    (False on other C libraries)."""
+    With the thresholds raised, a step reuses the previous step's memory. Returns whether glibc took both
+    settings (False on other C libraries)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt parameters, <malloc.h>
-    return bool(libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, 1 << 30))
+    # 32 MiB is the largest mmap threshold every glibc accepts (older ones refuse more than half of a
+    # 64 MiB heap); blocks above it, rare on a CPU, are still mmap'ed
+    mmap_set = libc.mallopt(m_mmap_threshold, 32 << 20)
+    trim_set = libc.mallopt(m_trim_threshold, 1 << 30)
+    return bool(mmap_set and trim_set)
 
 
 def get_lr(cfg: TrainConfig, it: int) -> float:
