@@ -71,17 +71,19 @@ def device_seconds(fn: Callable[..., object], rounds: int, setup: Callable[[], t
 
     Before each call the GPU spins for about a millisecond and then flushes L2, so the host has queued the
     whole call before the GPU reaches it: Python, dispatch and launch overhead are not counted, and no
-    call finds its inputs in L2 (as `triton.testing.do_bench`). That is the kernels' own cost, what is left
+    call finds its inputs in L2 (as `triton.testing.do_bench`, but flushing by reading, which leaves
+    clean lines: a zero-fill leaves dirty ones that the timed kernel would pay to write back). That is the kernels' own cost, what is left
     once CUDA graphs remove the launches; run_benchmark's wall-clock median counts the overhead too.
     """
     if not CUDA:
         return None
-    flush = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device=DEVICE)
+    flush = torch.ones(FLUSH_BYTES // 4, dtype=torch.float32, device=DEVICE)
+    flushed = torch.empty((), dtype=torch.float32, device=DEVICE)
     events = []
     for _ in range(rounds):
         args = setup() if setup else ()
         torch.cuda._sleep(SPIN_CYCLES)
-        flush.zero_()
+        torch.sum(flush, dim=0, out=flushed)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn(*args)

@@ -8,8 +8,9 @@ corpus path is given (without one it downloads Tiny Shakespeare first, or stops 
 cannot). It writes `bench/results/<date>-<device>.json` (every figure and the commands that produced them)
 and a `.md` with the tables, rewritten after each phase so that an interrupted report keeps what it
 measured. Each phase can be skipped (`--skip_tests`, `--skip_bench`, `--skip_train`) or narrowed
-(`--bench_filter=EXPR` is pytest's -k); a call that skips a phase keeps that phase from an earlier report
-of the same day, device, versions and commit, so a report can be made one phase per call. On the CPU it
+(`--bench_filter=EXPR` is pytest's -k); a call keeps what an earlier report of the same day, device,
+versions and commit measured and it does not (phases it skips, benchmarks outside its filter), so a report
+can be made a phase, or a few benchmarks, per call. On the CPU it
 runs too, as a smoke test of the report itself (the Triton benchmark cases are skipped there).
 """
 
@@ -107,8 +108,9 @@ def time_to_target(work: Path, log, data_file: str, preset: str, target: float, 
     shown = [c if not c.startswith("--out_dir=") else "--out_dir=..." for c in command[1:]]
     return {
         "command": shlex.join(shown), "exit_code": code, "process_seconds": seconds,
-        "kernels": "reference" if reference else ("triton" if summary.get("device", "").startswith("cuda")
-                                                  else "auto (the CPU runs the references)"),
+        "kernels": "reference" if reference else (
+            "triton" if summary.get("device", "cuda" if torch.cuda.is_available() else "cpu").startswith("cuda")
+            else "auto (the CPU runs the references)"),
         "device": summary.get("device"), "dtype": summary.get("dtype"), "compile": summary.get("compile"),
         "target_val_loss": target,
         "reached_at_iter": summary.get("target_iter"), "iters": summary.get("iter"),
@@ -195,11 +197,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip_bench", action="store_true")
     parser.add_argument("--skip_train", action="store_true")
     args = parser.parse_args(argv)
-    data_file = args.data_file
+    # absolute paths: the trainer runs from the repository root, the caller may be anywhere
+    data_file = str(Path(args.data_file).resolve()) if args.data_file else ""
     if data_file and not Path(data_file).is_file():
-        raise UserError(f"--data_file={data_file} is not a file: pass the corpus path")
+        raise UserError(f"--data_file={args.data_file} is not a file: pass the corpus path")
     if not data_file and not args.skip_train:  # before any phase: an offline machine stops here, not at the end
-        data_file = str(tiny_shakespeare(args.data_dir))
+        data_file = str(tiny_shakespeare(Path(args.data_dir).resolve()))
 
     started = time.perf_counter()
     date = datetime.date.today().isoformat()
@@ -214,42 +217,55 @@ def main(argv: list[str] | None = None) -> int:
         "environment": {"device": device_name(), "torch": torch.__version__, "triton": triton.__version__,
                         "cuda": torch.version.cuda, "python": platform.python_version(), "commit": commit},
     }
-    # A report can be made in parts (one phase per call, e.g. under a per-command time limit): a call keeps
-    # the phases of an earlier report of the same day, device, versions and commit that it does not run.
+    # A report can be made in parts (a phase, or a few benchmarks, per call, e.g. under a per-command time
+    # limit): a call keeps what an earlier report of the same day, device, versions and commit measured and
+    # it does not measure again; every phase records the commands that produced it.
     try:
         earlier = json.loads(Path(f"{stem}.json").read_text())
     except (OSError, ValueError):
-        earlier = {}
-    if earlier.get("environment") == report["environment"] and earlier.get("preset") == args.preset:
+        earlier = None
+    merging = (isinstance(earlier, dict) and earlier.get("environment") == report["environment"]
+               and earlier.get("preset") == args.preset)
+    if merging:
         report.update({phase: earlier[phase] for phase in PHASES if phase in earlier})
         report["commands"] = earlier.get("commands", []) + [command]
 
     def save(done: bool) -> None:
         report["seconds"] = time.perf_counter() - started
-        report["complete"] = done
+        # every phase there, and whole (the two time-to-target runs)
+        report["complete"] = done and all(phase in report for phase in PHASES) and len(
+            report["time_to_target"]) == 2
         Path(f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
         status = "written" if done else "so far, still running"
         Path(f"{stem}.md").write_text(markdown(report) + f"\nReport {status}: {report['seconds']:.0f} s.\n")
 
-    with tempfile.TemporaryDirectory() as tmp, open(f"{stem}.log", "a") as log:
+    failed = False
+    with tempfile.TemporaryDirectory() as tmp, open(f"{stem}.log", "a" if merging else "w") as log:
         work = Path(tmp)
         if not args.skip_tests:
             report["kernel_tests"] = kernel_tests(work, log)
+            failed |= report["kernel_tests"]["exit_code"] != 0
             save(done=False)
         if not args.skip_bench:
-            report["benchmarks"] = benchmarks(work, log, args.bench_filter)
+            bench = benchmarks(work, log, args.bench_filter)
+            if merging and "benchmarks" in report:  # the earlier results, with this call's replacing same names
+                names = {r["name"] for r in bench["results"]}
+                kept = [r for r in report["benchmarks"]["results"] if r["name"] not in names]
+                bench = {**bench, "results": kept + bench["results"],
+                         "command": f"{report['benchmarks']['command']}; {bench['command']}",
+                         "seconds": report["benchmarks"]["seconds"] + bench["seconds"]}
+            report["benchmarks"] = bench
             save(done=False)
         if not args.skip_train:
             report["time_to_target"] = []
             for reference in (False, True):
-                report["time_to_target"].append(
-                    time_to_target(work, log, data_file, args.preset, args.target_val_loss, args.max_iters,
-                                   reference, args.train_flag))
+                run = time_to_target(work, log, data_file, args.preset, args.target_val_loss, args.max_iters,
+                                     reference, args.train_flag)
+                report["time_to_target"].append(run)
+                failed |= run["exit_code"] != 0
                 save(done=False)
     save(done=True)
     print(f"wrote {stem}.json, {stem}.md and {stem}.log ({report['seconds']:.0f} s)")
-    failed = any(report.get(k, {}).get("exit_code") for k in ("kernel_tests",)) or any(
-        r["exit_code"] for r in report.get("time_to_target", []))
     return 1 if failed else 0
 
 

@@ -151,7 +151,7 @@ def _autotuned(configs):
         configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
                  for bm, bn, bk, w, s in configs],
         # M_BUCKET, not M: generation without the KV cache grows M by one row per token, and one tuning per
-        # power of two is enough (each tuning times every config)
+        # power of two is enough (each tuning times every config); a bucket is tuned at the first M seen in it
         key=["M_BUCKET", "N", "K", "HAS_BIAS", "INPUT_PRECISION"],
     )(_linear_gelu_fwd_kernel)
 

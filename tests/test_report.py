@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 
-from conftest import run_module
+from conftest import ROOT, run_module
 
 
 def test_report_writes_json_and_markdown(small_corpus, tmp_path):
     tiny = ["--device=cpu", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4",
             "--eval_iters=2", "--eval_interval=10", f"--data_dir={tmp_path}"]
+    # run from elsewhere with a relative corpus path: the trainer, started in the repository, still finds it
     proc = run_module("bench.report", "--skip_tests", "--skip_bench", "--preset=cpu", "--max_iters=20",
-                      "--target_val_loss=2.9", f"--data_file={small_corpus}", f"--out={tmp_path / 'out'}",
-                      *[f"--train_flag={flag}" for flag in tiny])
+                      "--target_val_loss=2.9", f"--data_file={small_corpus.name}", f"--out={tmp_path / 'out'}",
+                      *[f"--train_flag={flag}" for flag in tiny], cwd=small_corpus.parent,
+                      env={"PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr
     (report_json,) = (tmp_path / "out").glob("*.json")
     report = json.loads(report_json.read_text())
@@ -24,7 +26,8 @@ def test_report_writes_json_and_markdown(small_corpus, tmp_path):
         assert r["command"].startswith("-m fastgpt.train --preset=cpu") and r["device"] == "cpu"
     markdown = report_json.with_suffix(".md").read_text()
     assert "## Time to target (cpu)" in markdown and "--reference" in markdown
-    assert report["environment"]["torch"] and report["environment"]["triton"] and report["complete"]
+    assert report["environment"]["torch"] and report["environment"]["triton"]
+    assert not report["complete"]  # no kernel tests or benchmarks in it
 
     # a later call that skips the training keeps it: a report can be made one phase per call
     again = run_module("bench.report", "--skip_tests", "--skip_bench", "--skip_train", "--preset=cpu",
@@ -50,3 +53,18 @@ def test_report_stops_before_any_phase_when_it_cannot_get_the_corpus(tmp_path):
     assert proc.returncode == 2 and not (tmp_path / "out").exists()
     (line,) = proc.stderr.strip().splitlines()
     assert line.startswith("bench.report: error: ") and "pass --data_file=PATH" in line
+
+
+def test_report_made_in_parts_keeps_earlier_benchmarks(tmp_path):
+    """Two calls timing cheap CPU benchmarks, the second one of the first's two: the report holds both, once
+    each (the second call's result replaces the first's of the same name)."""
+    out = f"--out={tmp_path / 'out'}"
+    for bench_filter in ("cpu-reference-B4-T256 or cpu-reference-cache", "cpu-reference-cache"):
+        proc = run_module("bench.report", "--skip_tests", "--skip_train", f"--bench_filter={bench_filter}", out)
+        assert proc.returncode == 0, proc.stderr
+    (report_json,) = (tmp_path / "out").glob("*.json")
+    bench = json.loads(report_json.read_text())["benchmarks"]
+    names = [r["name"] for r in bench["results"]]
+    assert sorted(names) == ["test_attention[cpu-reference-B4-T256-causal-fwd+bwd]",
+                             "test_sample[cpu-reference-cache]"]
+    assert bench["command"].count("pytest bench/") == 2
