@@ -12,12 +12,13 @@ benchmark baseline. The Triton kernels:
   backward  dx for a run of rows per program, with that program's partial dW / dB sums accumulated in
             fp32 registers and written once; the partials are then reduced over programs (deterministic:
             no atomics).
-A row (n_embd) is held whole in registers, so N is limited to MAX_N (4096: wider rows spill registers
-in the backward, 32 bytes at 8192 and 1.7 KB at 16384 on sm_90, so `auto` runs the reference there);
-rows of any count and strides are fine (the last dimension must be contiguous, otherwise the launcher
-copies). fp32, fp16 and bf16 inputs; weights may be of another float type (fp32 parameters under bf16 autocast). Under autocast
-the output is produced in the autocast dtype directly: the linear layer that reads it would cast it to
-that dtype anyway, so the maths is unchanged and a full fp32 write and read are saved.
+A row (n_embd) is held whole in registers, so N is limited to MAX_N (4096: wider rows spill registers in
+the backward, 32 bytes at 8192 and 1.7 KB at 16384 on sm_90, so `auto` runs the reference there); rows
+of any count and strides are fine (the last dimension must be contiguous, otherwise the launcher
+copies). fp32, fp16 and bf16 inputs; weights may be of another float type (fp32 parameters under bf16
+autocast). Under autocast the output is produced in the autocast dtype directly: the linear layer that
+reads it would cast it to that dtype anyway, so the maths is unchanged and a full fp32 write and read
+are saved.
 """
 
 from __future__ import annotations
