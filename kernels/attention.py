@@ -83,6 +83,12 @@ def causal_attention_reference(
 # n > last_row' - W. The loop over key tiles is split at those bounds into masked | unmasked | masked
 # segments. The dK/dV kernel does the same with the roles of rows and keys exchanged.
 
+# The JIT compiles a variant per value class (== 1, a multiple of 16, neither) of every integer argument
+# it may specialise; for the sizes that would be one variant for each of those of H, Tq, Tk and the window
+# (about 250 compilations for the native test suite, a third of that without). They are only compared
+# against and multiplied by, never strides, so they are not specialised: one compilation per tile, dtype,
+# head_dim and dropout flag.
+_SIZES = ["H", "Tq", "Tk", "window"]
 LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) = exp2(x * LOG2E)
 LN2 = tl.constexpr(0.6931471805599453)  # ln(2): log(x) = log2(x) * LN2
 
@@ -175,7 +181,7 @@ def _attention_fwd_tiles(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, offs_m, p
     return acc, l_i, m_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SIZES)
 def _attention_fwd_kernel(
     Q,  # (B, H, Tq, D), strided, unit stride along D
     K, V,  # (B, H, Tk, D), strided, unit stride along D
@@ -230,7 +236,7 @@ def _attention_fwd_kernel(
     tl.store(Lse + offs_m, (m_i + tl.math.log2(l_i)) * LN2, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SIZES[:2])
 def _attention_bwd_preprocess_kernel(
     Out, DO,  # (B, H, Tq, D), strided, unit stride along D
     Delta,  # (B, H, Tq) fp32, contiguous: rowsum(dO * O)
@@ -301,7 +307,7 @@ def _attention_bwd_dkdv_tiles(dk, dv, k, v, Q, DO, Lse, Delta, stride_qt, stride
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SIZES)
 def _attention_bwd_dkdv_kernel(
     Q, DO,  # (B, H, Tq, D), strided, unit stride along D
     K, V,  # (B, H, Tk, D), strided, unit stride along D
@@ -395,7 +401,7 @@ def _attention_bwd_dq_tiles(dq, q, do, lse, delta, K, V, stride_kt, stride_vt, o
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SIZES)
 def _attention_bwd_dq_kernel(
     Q, DO,  # (B, H, Tq, D), strided, unit stride along D
     K, V,  # (B, H, Tk, D), strided, unit stride along D
@@ -641,7 +647,7 @@ def _aot_spec(fn, dtype: str, constexprs: dict, tile: tuple[int, int, int, int],
 def aot_specs():
     """Every configuration the launchers may compile for 16-bit inputs (what training and sampling on a
     GPU use): head_dim 16..128 x fp16/bf16, with and without dropout; the forward also with decoding
-    tiles (no dropout; Tq = 1, which the JIT turns into a constant, for a generation step). The fp32
+    tiles (no dropout, for a generation step). The sizes (H, Tq, Tk, window) are not specialised. The fp32
     tiles (tests' accuracy path) are left out to keep the test suite's compile time down: compiled once,
     they build for sm_90 and sm_80 but spill registers on sm_90 at head_dim 64 (dK/dV, 16-24 bytes) and
     128 (up to 344 bytes)."""
@@ -655,7 +661,7 @@ def aot_specs():
                 yield _aot_spec(_attention_fwd_kernel, name, flags, train["fwd"], {**tags, "regime": "train"})
                 yield _aot_spec(_attention_bwd_dkdv_kernel, name, flags, train["dkdv"], tags)
                 yield _aot_spec(_attention_bwd_dq_kernel, name, flags, train["dq"], tags)
-            yield _aot_spec(_attention_fwd_kernel, name, {**common, "DROPOUT": False, "Tq": 1}, decode["fwd"],
+            yield _aot_spec(_attention_fwd_kernel, name, {**common, "DROPOUT": False}, decode["fwd"],
                             {"head_dim": d, "dropout": False, "regime": "decode"})
             yield _aot_spec(_attention_bwd_preprocess_kernel, name, {"HEAD_DIM": d}, train["preprocess"],
                             {"head_dim": d})

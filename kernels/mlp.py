@@ -6,7 +6,7 @@ The reference is `F.gelu(F.linear(...))`; it is the fallback, the test oracle an
 baseline. The MLP's second linear (`c_proj`) stays a plain (cuBLAS) matmul.
 
 The Triton path:
-  forward   a tiled matmul (fp32 accumulators, grouped tile order for L2 reuse) whose epilogue adds the
+  forward   a tiled matmul (tiles tuned per problem, fp32 accumulators, grouped tile order for L2 reuse) whose epilogue adds the
             bias and applies the GELU while the tile is still in registers, storing y and the
             pre-activation z: the reference writes z, reads it back for the GELU and writes y; here z
             and y are written once each and z is never read back in the forward;
@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from kernels.backend import select
+from kernels.tuning import Tuner, kernel_source
 
 
 def linear_gelu_reference(
@@ -50,7 +51,6 @@ def _linear_gelu_fwd_kernel(
     Y,  # (M, N) out: gelu(z)
     Z,  # (M, N) out: z = x @ W.T + b, saved for the backward
     M, N, K,
-    M_BUCKET,  # unused by the kernel: the autotuner's key, M rounded up to a power of two
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_zm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -121,11 +121,12 @@ def _linear_gelu_bwd_kernel(
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): the autotuner's candidates on a GPU, chosen per
-# (M, N, K). Wide tiles for the training shapes (M = B*T in the tens of thousands, N = 4*n_embd), narrow
-# ones for the small M of generation. fp32 tiles hold twice the bytes per element, so they take a shorter
-# K step and fewer stages to stay within shared memory (163 KiB on an A100). Every candidate compiles
-# without register spills for sm_80 and sm_90 (tests/test_mlp.py).
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): the tuner's candidates on a GPU, chosen per problem
+# (kernels/tuning.py). Wide tiles for the training shapes (M = B*T in the tens of thousands, N = 4*n_embd),
+# narrow ones for the small M of generation. fp32 tiles hold twice the bytes per element, so they take a
+# shorter K step and fewer stages to stay within shared memory (163 KiB on an A100). Every candidate
+# compiles without register spills for sm_80 and sm_90 (tests/test_mlp.py). The first of each list is
+# the fallback for a problem met untuned inside a CUDA-graph capture.
 _CONFIGS_16BIT = (
     (128, 128, 64, 8, 4),
     (128, 64, 64, 4, 4),
@@ -144,19 +145,7 @@ _INTERPRETER_CONFIG = (64, 64, 32, 4, 1)
 _GROUP_M = 8
 _BWD_BLOCK = 1024
 _BWD_WARPS = 4
-
-
-def _autotuned(configs):
-    return triton.autotune(
-        configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-                 for bm, bn, bk, w, s in configs],
-        # M_BUCKET, not M: generation without the KV cache grows M by one row per token, and one tuning per
-        # power of two is enough (each tuning times every config); a bucket is tuned at the first M seen in it
-        key=["M_BUCKET", "N", "K", "HAS_BIAS", "INPUT_PRECISION"],
-    )(_linear_gelu_fwd_kernel)
-
-
-_linear_gelu_fwd_tuned = {2: _autotuned(_CONFIGS_16BIT), 4: _autotuned(_CONFIGS_FP32)}  # by element size
+_TUNER = Tuner("linear_gelu_fwd", kernel_source(_linear_gelu_fwd_kernel))
 
 
 def _input_precision(dtype: torch.dtype) -> str:
@@ -173,17 +162,22 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     z = x.new_empty((m, n))
     if m == 0 or n == 0:
         return y, z
-    args = (x, weight, bias if bias is not None else weight, y, z, m, n, k, triton.next_power_of_2(m),
+    args = (x, weight, bias if bias is not None else weight, y, z, m, n, k,
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), y.stride(0), z.stride(0))
     flags = dict(GROUP_M=_GROUP_M, HAS_BIAS=bias is not None, INPUT_PRECISION=_input_precision(x.dtype))
-    if x.is_cuda:
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-        _linear_gelu_fwd_tuned[x.element_size()][grid](*args, **flags)
-    else:
-        bm, bn, bk, w, s = _INTERPRETER_CONFIG
+
+    def launch(config: tuple[int, int, int, int, int]) -> None:
+        bm, bn, bk, w, s = config
         grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
         _linear_gelu_fwd_kernel[grid](*args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=s,
                                       **flags)
+
+    if x.is_cuda:
+        # one tuning per power of two of M: generation without the KV cache grows M by a row per token
+        key = (triton.next_power_of_2(m), n, k, str(x.dtype), flags["HAS_BIAS"], flags["INPUT_PRECISION"])
+        launch(_TUNER.pick(key, _CONFIGS_16BIT if x.element_size() == 2 else _CONFIGS_FP32, launch))
+    else:
+        launch(_INTERPRETER_CONFIG)
     return y, z
 
 
@@ -221,12 +215,12 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
 
 
 def aot_specs():
-    """Every configuration the launchers may compile on a GPU: each autotuner candidate, with and without
+    """Every configuration the launchers may compile on a GPU: each tuner candidate, with and without
     bias, for bf16 and fp32 (TF32 and IEEE), and the elementwise backward. n_embd does not enter the
     compiled code (M, N and K are runtime arguments), so one compilation covers n_embd 128..4096; the JIT
     specialises unit strides (contiguous rows) and sizes and strides that are multiples of 16, as they
     are for every n_embd in that range."""
-    divisible = ["M", "N", "K", "M_BUCKET", "stride_xm", "stride_wn", "stride_ym", "stride_zm"]
+    divisible = ["M", "N", "K", "stride_xm", "stride_wn", "stride_ym", "stride_zm"]
     variants = [("bf16", "tf32", _CONFIGS_16BIT, (False, True)), ("fp32", "tf32", _CONFIGS_FP32, (False, True)),
                 ("fp32", "ieee", _CONFIGS_FP32, (False,))]
     for dtype, precision, configs, biases in variants:
@@ -235,7 +229,7 @@ def aot_specs():
                 yield {
                     "fn": _linear_gelu_fwd_kernel,
                     "signature": {"X": f"*{dtype}", "W": f"*{dtype}", "B": f"*{dtype}", "Y": f"*{dtype}",
-                                  "Z": f"*{dtype}", "M": "i32", "N": "i32", "K": "i32", "M_BUCKET": "i32",
+                                  "Z": f"*{dtype}", "M": "i32", "N": "i32", "K": "i32",
                                   "stride_xm": "i32", "stride_xk": "constexpr", "stride_wn": "i32",
                                   "stride_wk": "constexpr", "stride_ym": "i32", "stride_zm": "i32",
                                   "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
