@@ -371,6 +371,7 @@ def train(cfg: TrainConfig, given: set[str], ckpt: dict | None, world: World) ->
     target_iter = None
     last_log_iter, last_log_time = iter_num, time.perf_counter()
     start_iter = iter_num
+    stopped = None  # the signal that stopped the run early
     if ckpt is not None and iter_num >= cfg.max_iters:
         log(f"{ckpt_path} is at iter {iter_num}, already at or past --max_iters={cfg.max_iters}: "
             f"nothing to train (raise --max_iters to continue)")
@@ -386,7 +387,10 @@ def train(cfg: TrainConfig, given: set[str], ckpt: dict | None, world: World) ->
                 eval_start = time.perf_counter()
                 losses = evaluate()
                 log(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-                record(iter=iter_num, train_loss=losses["train"], val_loss=losses["val"])
+                # train_seconds: training time so far (evaluation and compilation excluded), from which
+                # the time to any val loss can be read off afterwards
+                record(iter=iter_num, train_loss=losses["train"], val_loss=losses["val"],
+                       train_seconds=eval_start - clock_start - eval_seconds)
                 if losses["val"] < best_val:
                     best_val = losses["val"]
                     save(full=False)
@@ -405,7 +409,8 @@ def train(cfg: TrainConfig, given: set[str], ckpt: dict | None, world: World) ->
                 check_finite(last_log_iter)
                 save(full=True)
                 log(f"stopped at iter {iter_num}; saved {ckpt_path}: continue with --resume --out_dir={out_dir}")
-                return 128 + (signum or signal.SIGTERM)
+                stopped = signal.Signals(signum or signal.SIGTERM)
+                break
 
             loss_sum, grad_norm = train_step(model, optimizer, train_batches, micro_steps, cfg.grad_clip,
                                              autocast)
@@ -432,9 +437,12 @@ def train(cfg: TrainConfig, given: set[str], ckpt: dict | None, world: World) ->
     record(summary=True, device=str(device), dtype=dtype, compile=use_compile, reference=cfg.reference,
            iter=iter_num, best_val_loss=best_val, target_val_loss=cfg.target_val_loss,
            target_iter=target_iter, train_seconds=train_seconds, eval_seconds=eval_seconds,
-           wall_seconds=wall_seconds, compile_seconds=compile_seconds)
+           wall_seconds=wall_seconds, compile_seconds=compile_seconds,
+           stopped_by=stopped.name if stopped is not None else None)
     if metrics is not None:
         metrics.close()
+    if stopped is not None:
+        return 128 + stopped
 
     # -------------------------------------------------------------------------------------------------
     # summary

@@ -126,6 +126,8 @@ def test_signal_saves_at_a_step_boundary_and_resume_finishes(small_corpus, tmp_p
     stopped_at = ckpt["iter_num"]
     assert stopped_at >= 3
     assert max(read_metrics(out)[0]) == stopped_at  # every logged step is in the checkpoint
+    summary = json.loads(metrics.read_text().splitlines()[-1])  # the run says how it ended
+    assert summary["summary"] and summary["stopped_by"] == sig.name and summary["iter"] == stopped_at
     done = cli("fastgpt.train", f"--out_dir={out}", "--resume", f"--max_iters={stopped_at + 3}")
     assert done.returncode == 0, done.stderr
     assert load_checkpoint(out / "ckpt.pt")["iter_num"] == stopped_at + 3
@@ -185,7 +187,11 @@ def test_target_val_loss_stops_at_the_first_evaluation_that_reaches_it(small_cor
     assert sorted(evals) == [0, 10, 20] and max(steps) == 20
     summary = json.loads((tmp_path / "target" / "metrics.jsonl").read_text().splitlines()[-1])
     assert summary["summary"] and summary["target_iter"] == 20 and summary["compile_seconds"] == 0.0
-    assert 0 < summary["train_seconds"] < summary["wall_seconds"]
+    assert 0 < summary["train_seconds"] < summary["wall_seconds"] and summary["stopped_by"] is None
+    # every evaluation records the training time before it, so the time to any val loss can be read off
+    seconds = [json.loads(line)["train_seconds"] for line in
+               (tmp_path / "target" / "metrics.jsonl").read_text().splitlines() if "val_loss" in line]
+    assert seconds[0] < 0.5 and seconds == sorted(seconds) and seconds[-1] <= summary["train_seconds"]
     assert load_checkpoint(tmp_path / "target" / "ckpt.pt")["iter_num"] == 20
     assert f"val loss <= {target} reached at iter 20 after" in capsys.readouterr().out
 
