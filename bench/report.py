@@ -1,17 +1,29 @@
-"""One command for a GPU report: the kernel tests run natively, the benchmarks, and time-to-target runs of
-the trainer with the kernels and with `--reference`, side by side, written to bench/results/.
+"""The GPU report: what a GPU teaches in the minutes it is lent, measured within a time budget.
 
-    python -m bench.report --data_file=PATH/input.txt
+    python -m bench.report --out=DIR --budget_s=540 --data_file=PATH [--phases=...] [--merge=FILE]
 
-On a CUDA machine (the point of it) this takes a few minutes on an H100; it needs no internet when the
-corpus path is given (without one it downloads Tiny Shakespeare first, or stops before any phase if it
-cannot). It writes `bench/results/<date>-<device>.json` (every figure and the commands that produced them)
-and a `.md` with the tables, rewritten after each phase so that an interrupted report keeps what it
-measured. Each phase can be skipped (`--skip_tests`, `--skip_bench`, `--skip_train`) or narrowed
-(`--bench_filter=EXPR` is pytest's -k); a call keeps what an earlier report of the same day, device,
-versions and commit measured and it does not (phases it skips, benchmarks outside its filter), so a report
-can be made a phase, or a few benchmarks, per call. On the CPU it
-runs too, as a smoke test of the report itself (the Triton benchmark cases are skipped there).
+Phases, in the order of what they teach (`--phases` picks some, in this order):
+  smoke           one forward and backward of each op and of the whole GPT at the shakespeare_char shapes
+                  in bf16: error against the reference and GPU milliseconds (bench/smoke.py; a minute at most)
+  kernel_tests    the kernel tests run natively (bf16 included), in parallel (pytest-xdist) with a per-test
+                  timeout (pytest-timeout), and the CUDA training test
+  train_step      the training step (bench/test_train_step.py): Triton kernels and the reference, each under
+                  torch.compile's default mode and reduce-overhead (CUDA graphs): tokens/s, MFU, peak memory
+  kernel_bench    the kernel benchmarks at the presets' shapes (`--bench_filter`), and sampling
+  time_to_target  two trainer runs, on the kernels and with --reference, until val <= --target_val_loss
+                  (default 1.47), with cheap evaluation; the time to every --targets value is read off
+                  their evaluation records
+
+It never runs past `--budget_s`: each phase and each subprocess gets a timeout from the time left, a phase
+cut short is recorded as cut with what it had measured (every subprocess streams its results to disk
+as it goes), and a phase there was no time for is recorded as cut without running. DIR receives
+`<date>-<device>.json` (every figure, the device, versions and commands), `.md` (the tables) and
+`.log` (the subprocesses' output), rewritten as each phase ends. `--merge=FILE` folds in an earlier
+report (from any path; same device and versions) so one report is built over several commands. The
+compilation caches (Triton's, Inductor's, the linear_gelu tuner's) go under `--cache_dir`, so a second
+command on the same machine starts warm. `--device=cpu` runs the same machinery on the CPU (the Triton
+phases skipped with their reason, the kernels of the smoke phase in the Triton interpreter), which is how
+CI tests it; without `--device`, a machine without CUDA is refused.
 """
 
 from __future__ import annotations
@@ -19,253 +31,360 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import re
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import xml.etree.ElementTree as ET
+from importlib.util import find_spec
 from pathlib import Path
 
 import torch
 import triton
 
-from bench.common import device_name
 from fastgpt.config import UserError, run_main
 from fastgpt.data import tiny_shakespeare
 
 ROOT = Path(__file__).resolve().parent.parent
-KERNEL_TESTS = ["tests/test_kernels.py", "tests/test_layernorm.py", "tests/test_mlp.py", "tests/test_attention.py"]
-# the ahead-of-time compilation tests check sm_90 and sm_80 without a GPU: CI runs them, a GPU has no news
-NATIVE_ONLY = "not aot"
-PHASES = ("kernel_tests", "benchmarks", "time_to_target")
+PHASES = ("smoke", "kernel_tests", "train_step", "kernel_bench", "time_to_target")
+KERNEL_TESTS = ["tests/test_kernels.py", "tests/test_layernorm.py", "tests/test_mlp.py", "tests/test_attention.py",
+                "tests/test_tuning.py",
+                "tests/test_train.py::test_cuda_trains_compiled_on_the_kernels_in_bf16_and_reports_mfu"]
+KERNEL_BENCH = ["bench/test_layernorm.py", "bench/test_mlp.py", "bench/test_attention.py",
+                "bench/test_train_step.py::test_sample"]
+# the presets' shapes in the run's dtype: (64*256, 384) rows, the (64, 6, 256, 64) attention, sampling
+BENCH_FILTER = {"cuda": "(16384x384 or B64-T256 or test_sample) and not float32",
+                "cpu": "(16384x384 or B4-T256 or test_sample) and not bfloat16"}
+SMOKE_LIMIT_S = 60
+GRACE_S = 5  # a subprocess gets SIGTERM this long before its time is up (a trainer saves its checkpoint), then SIGKILL
+MARGIN_S = 3  # kept for writing the report
+MIN_PHASE_S = 5  # a phase is not started with less than this left
+PER_TEST_TIMEOUT_S = 300
 
 
 def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "device"
 
 
-def run(command: list[str], log) -> tuple[int, float]:
-    """Run a command from the repository root, its output going to the log; (exit code, seconds)."""
+def device_name(device: str) -> str:
+    return torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or "cpu")
+
+
+class Budget:
+    """The time left of --budget_s, less the margin for writing the report."""
+
+    def __init__(self, seconds: float):
+        self.deadline = time.monotonic() + seconds - MARGIN_S
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+
+def run(command: list[str], log, timeout: float, env: dict) -> tuple[int | None, float, bool]:
+    """Run a command from the repository root in a process group of its own, its output going to the log,
+    for at most `timeout` seconds: GRACE_S before that the group gets SIGTERM, at the end SIGKILL.
+    Returns (exit code, seconds, cut)."""
+    log.write(f"$ {shlex.join(command)}\n")
+    log.flush()
     print(f"$ {shlex.join(command)}", flush=True)
-    started = time.perf_counter()
-    code = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
-    return code, time.perf_counter() - started
+    started = time.monotonic()
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
+    cut = False
+    try:
+        proc.wait(timeout=max(timeout - GRACE_S, 0))
+    except subprocess.TimeoutExpired:
+        cut = True
+        for sig, wait in ((signal.SIGTERM, min(GRACE_S, max(timeout, 0))), (signal.SIGKILL, None)):
+            try:
+                os.killpg(proc.pid, sig)
+                proc.wait(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+            except ProcessLookupError:
+                proc.wait()
+                break
+        log.write(f"[bench.report: cut at its time limit of {timeout:.0f} s]\n")
+    return proc.returncode, time.monotonic() - started, cut
 
 
-# ---------------------------------------------------------------------------------------------------
-# phases
-
-
-def kernel_tests(work: Path, log) -> dict:
-    junit = work / "tests.xml"
-    command = [sys.executable, "-m", "pytest", *KERNEL_TESTS, "-q", "-p", "no:cacheprovider", "-k", NATIVE_ONLY,
-               f"--junitxml={junit}"]
-    code, seconds = run(command, log)
-    counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
-    failed = []
-    if junit.exists():
-        suite = ET.parse(junit).getroot()
-        suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
-        counts = {key: int(suite.get(key, 0)) for key in counts}
-        failed = [f"{case.get('classname')}::{case.get('name')}" for case in suite.iter("testcase")
-                  if case.find("failure") is not None or case.find("error") is not None]
-    return {"command": shlex.join(command[1:]), "exit_code": code, "seconds": seconds,
-            "passed": counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"],
-            "failed": counts["failures"] + counts["errors"], "skipped": counts["skipped"], "failures": failed}
-
-
-def benchmarks(work: Path, log, bench_filter: str | None) -> dict:
-    out = work / "bench.json"
-    command = [sys.executable, "-m", "pytest", "bench/", "-q", "-p", "no:cacheprovider",
-               f"--benchmark-json={out}"] + (["-k", bench_filter] if bench_filter else [])
-    code, seconds = run(command, log)
-    results = []
-    if out.exists():
-        for b in json.loads(out.read_text())["benchmarks"]:
-            results.append({"name": b["name"], "group": b["fullname"].split("::")[0],
-                            "median_ms": b["stats"]["median"] * 1e3, **b["extra_info"]})
-    return {"command": shlex.join(command[1:]), "exit_code": code, "seconds": seconds, "results": results}
-
-
-def time_to_target(work: Path, log, data_file: str, preset: str, target: float, max_iters: int,
-                   reference: bool, extra: list[str]) -> dict:
-    out_dir = work / ("train-reference" if reference else "train-kernels")
-    command = [sys.executable, "-m", "fastgpt.train", f"--preset={preset}", f"--data_file={data_file}",
-               f"--out_dir={out_dir}", "--overwrite", f"--target_val_loss={target}", f"--max_iters={max_iters}",
-               "--sample_chars=0", *(["--reference"] if reference else []), *extra]
-    code, seconds = run(command, log)
+def read_lines(path: Path) -> list[dict]:
+    """The JSON lines a subprocess streamed (a line cut short by a kill is dropped)."""
     records = []
-    metrics = out_dir / "metrics.jsonl"
-    if metrics.exists():
-        records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                pass
+    return records
+
+
+def status(code: int | None, cut: bool) -> str:
+    return "cut" if cut else "done" if code == 0 else "failed"
+
+
+class Phases:
+    """Runs the phases: each is a method returning its record, given the seconds it may take."""
+
+    def __init__(self, args, work: Path, log, env: dict, data_file: str):
+        self.args, self.work, self.log, self.env, self.data_file = args, work, log, env, data_file
+        self.cuda = args.device == "cuda"
+
+    def _pytest(self, name: str, targets: list[str], extra: list[str], timeout: float) -> tuple[dict, list]:
+        stream = self.work / f"{name}.jsonl"
+        command = [sys.executable, "-m", "pytest", *targets, "-q", "-p", "no:cacheprovider", "-p", "bench.stream",
+                   *extra]
+        code, seconds, cut = run(command, self.log, timeout, {**self.env, "FASTGPT_STREAM": str(stream)})
+        # pytest's exit code 5: no test matched the selection, which is not a failure of the code
+        return ({"status": "done" if code == 5 and not cut else status(code, cut), "exit_code": code,
+                 "seconds": seconds, "command": shlex.join(command[1:])}, read_lines(stream))
+
+    def smoke(self, timeout: float) -> dict:
+        stream = self.work / "smoke.jsonl"
+        command = [sys.executable, "-m", "bench.smoke", f"--out={stream}", f"--device={self.args.device}"]
+        env = self.env if self.cuda else {**self.env, "TRITON_INTERPRET": "1"}
+        code, seconds, cut = run(command, self.log, min(timeout, SMOKE_LIMIT_S), env)
+        return {"status": status(code, cut), "exit_code": code, "seconds": seconds,
+                "command": shlex.join(command[1:]).replace(str(stream), "FILE"), "results": read_lines(stream)}
+
+    def kernel_tests(self, timeout: float) -> dict:
+        if not self.cuda:
+            return {"status": "skipped", "reason": "natively the kernel tests need CUDA; on the CPU `pytest` runs "
+                                                   "them in the Triton interpreter (CI does)"}
+        extra = ["-k", "not aot"]  # ahead-of-time compilation needs no GPU: CI runs it
+        if find_spec("xdist"):
+            extra += ["-n", str(max(1, min(8, (os.cpu_count() or 2) // 2)))]
+        if find_spec("pytest_timeout"):
+            extra += [f"--timeout={PER_TEST_TIMEOUT_S}"]
+        record, lines = self._pytest("kernel_tests", KERNEL_TESTS, extra, timeout)
+        tests = [r for r in lines if r.get("kind") == "test"]
+        counts = {outcome: sum(r["outcome"] == outcome for r in tests) for outcome in ("passed", "failed", "skipped")}
+        failures = [{"test": r["nodeid"], "message": r["message"]} for r in tests if r["outcome"] == "failed"]
+        return {**record, **counts, "failures": failures}
+
+    def train_step(self, timeout: float) -> dict:
+        record, lines = self._pytest("train_step", ["bench/test_train_step.py::test_train_step"], [], timeout)
+        return {**record, "results": [r for r in lines if r.get("kind") == "benchmark"],
+                "skipped": [r for r in lines if r.get("kind") == "test" and r["outcome"] == "skipped"]}
+
+    def kernel_bench(self, timeout: float) -> dict:
+        expression = self.args.bench_filter if self.args.bench_filter is not None else BENCH_FILTER[self.args.device]
+        record, lines = self._pytest("kernel_bench", KERNEL_BENCH, ["-k", expression] if expression else [], timeout)
+        return {**record, "filter": expression, "results": [r for r in lines if r.get("kind") == "benchmark"]}
+
+    def time_to_target(self, timeout: float) -> dict:
+        runs, started = [], time.monotonic()
+        for reference in (False, True):
+            left = timeout - (time.monotonic() - started)
+            # the kernels' run may take half of the phase; the reference's run gets whatever is left
+            runs.append(self._train(reference, left / 2 if not reference else left))
+        states = [r["status"] for r in runs]
+        return {"status": "failed" if "failed" in states else "cut" if "cut" in states else "done",
+                "seconds": time.monotonic() - started, "runs": runs}
+
+    def _train(self, reference: bool, timeout: float) -> dict:
+        args = self.args
+        out_dir = self.work / ("train-reference" if reference else "train-kernels")
+        command = [sys.executable, "-m", "fastgpt.train", f"--preset={args.preset}", f"--data_file={self.data_file}",
+                   f"--out_dir={out_dir}", "--overwrite", f"--target_val_loss={args.target_val_loss}",
+                   f"--max_iters={args.max_iters}", f"--eval_iters={args.eval_iters}", "--sample_chars=0",
+                   f"--device={args.device}", *(["--reference"] if reference else []), *args.train_flag]
+        if timeout < MIN_PHASE_S:
+            code, seconds, cut = None, 0.0, True
+        else:
+            code, seconds, cut = run(command, self.log, timeout, self.env)
+        shown = [c if not c.startswith("--out_dir=") else "--out_dir=DIR" for c in command[1:]]
+        return {"status": status(code, cut), "exit_code": code, "process_seconds": seconds,
+                "command": shlex.join(shown), "kernels": "reference" if reference else "triton" if self.cuda
+                else "auto (the CPU runs the references)", **summarise_run(out_dir / "metrics.jsonl", args.targets)}
+
+
+def summarise_run(metrics: Path, targets: list[float]) -> dict:
+    """A trainer run's figures from its metrics.jsonl, whole or cut short: the val curve with the training
+    seconds before each evaluation, the time to each target, the steps' median speed and the summary."""
+    records = read_lines(metrics)
     summary = next((r for r in reversed(records) if r.get("summary")), {})
     steps = [r for r in records if "tokens_per_sec" in r]
     evals = [r for r in records if "val_loss" in r]
-    shown = [c if not c.startswith("--out_dir=") else "--out_dir=..." for c in command[1:]]
+    mfus = [r["mfu"] for r in steps if r.get("mfu") is not None]
+    reached = {}
+    for target in targets:
+        first = next((r for r in evals if r["val_loss"] <= target), None)
+        reached[str(target)] = None if first is None else {"iter": first["iter"], "train_seconds": first["train_seconds"]}
     return {
-        "command": shlex.join(shown), "exit_code": code, "process_seconds": seconds,
-        "kernels": "reference" if reference else (
-            "triton" if summary.get("device", "cuda" if torch.cuda.is_available() else "cpu").startswith("cuda")
-            else "auto (the CPU runs the references)"),
         "device": summary.get("device"), "dtype": summary.get("dtype"), "compile": summary.get("compile"),
-        "target_val_loss": target,
-        "reached_at_iter": summary.get("target_iter"), "iters": summary.get("iter"),
+        "iters": summary.get("iter", evals[-1]["iter"] if evals else None), "stopped_by": summary.get("stopped_by"),
         "train_seconds": summary.get("train_seconds"), "eval_seconds": summary.get("eval_seconds"),
-        "compile_seconds": summary.get("compile_seconds"), "best_val_loss": summary.get("best_val_loss"),
+        "compile_seconds": summary.get("compile_seconds"),
+        "best_val_loss": min((r["val_loss"] for r in evals), default=None), "reached": reached,
         "tokens_per_sec": statistics.median([r["tokens_per_sec"] for r in steps]) if steps else None,
         "ms_per_iter": statistics.median([r["ms_per_iter"] for r in steps]) if steps else None,
-        "mfu": statistics.median([r["mfu"] for r in steps if r.get("mfu") is not None] or [float("nan")])
-        if steps else None,
-        "val_curve": [[r["iter"], r["val_loss"]] for r in evals],
+        "mfu": statistics.median(mfus) if mfus else None,
+        "val_curve": [[r["iter"], round(r.get("train_seconds", 0.0), 2), r["val_loss"]] for r in evals],
     }
 
 
 # ---------------------------------------------------------------------------------------------------
-# the markdown report
+# merging and writing
 
 
-def fmt(value, digits: int = 1) -> str:
-    if value is None or (isinstance(value, float) and value != value):
-        return "-"
-    return f"{value:,.{digits}f}" if isinstance(value, float) else str(value)
+def merge_phase(name: str, earlier: dict | None, now: dict) -> dict:
+    """A phase measured now over the same phase of an earlier report: benchmarks are merged by name (this
+    call's replacing the earlier one's), everything else is this call's."""
+    if not earlier or name not in ("train_step", "kernel_bench") or now.get("status") == "skipped":
+        return now
+    names = {r["name"] for r in now.get("results", [])}
+    kept = [r for r in earlier.get("results", []) if r["name"] not in names]
+    return {**now, "results": kept + now.get("results", []),
+            "command": f"{earlier.get('command', '')}; {now.get('command', '')}".strip("; ")}
 
 
-def markdown(report: dict) -> str:
-    env = report["environment"]
-    lines = [f"# fastgpt GPU report: {env['device']}, {report['date']}", "",
-             f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, Python {env['python']}; "
-             f"fastgpt commit {env['commit']}. " + ("Command: " if len(report["commands"]) == 1 else
-                                                     "Made in parts by: ") +
-             ", ".join(f"`{c}`" for c in report["commands"]), ""]
-    tests = report.get("kernel_tests")
-    if tests:
-        lines += ["## Kernel tests, native", "", f"`{tests['command']}`: **{tests['passed']} passed, "
-                  f"{tests['failed']} failed, {tests['skipped']} skipped** in {tests['seconds']:.0f} s", ""]
-        lines += [f"- failed: `{name}`" for name in tests["failures"]] + ([""] if tests["failures"] else [])
-    ttt = report.get("time_to_target")
-    if ttt:
-        lines += [f"## Time to target ({report['preset']})", "",
-                  "| kernels | val <= target at iter | training s | compile s | eval s | tokens/s | ms/iter | MFU |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for r in ttt:
-            mfu = f"{r['mfu'] * 100:.1f}%" if r.get("mfu") not in (None,) and r["mfu"] == r["mfu"] else "-"
-            lines.append(f"| {r['kernels']} | {fmt(r['reached_at_iter'])} (target {r['target_val_loss']}) | "
-                         f"{fmt(r['train_seconds'])} | {fmt(r['compile_seconds'])} | {fmt(r['eval_seconds'])} | "
-                         f"{fmt(r['tokens_per_sec'], 0)} | {fmt(r['ms_per_iter'], 2)} | {mfu} |")
-        if len(ttt) == 2 and ttt[0]["tokens_per_sec"] and ttt[1]["tokens_per_sec"]:
-            lines += ["", f"Training tokens/s, kernels / reference: "
-                          f"**{ttt[0]['tokens_per_sec'] / ttt[1]['tokens_per_sec']:.2f}x**"]
-        lines += [""] + [f"- `python {r['command']}`" for r in ttt] + [""]
-    bench = report.get("benchmarks")
-    if bench:
-        lines += ["## Benchmarks", "", f"`{bench['command']}` ({bench['seconds']:.0f} s). Wall ms: the median "
-                  "call, launch overhead included; GPU ms: the kernels' own time (CUDA events, L2 flushed, "
-                  "overhead excluded), from which the kernel figures are computed.", "",
-                  "| benchmark | wall ms | GPU ms | figure |", "|---|---|---|---|"]
-        for r in bench["results"]:
-            figure = next((f"{r[k]:,.1f} {unit}" for k, unit in (("tflops", "TFLOP/s"), ("gb_per_s", "GB/s"),
-                                                                    ("tokens_per_sec", "tokens/s")) if k in r), "")
-            device_ms = f"{r['device_ms']:.3f}" if r.get("device_ms") is not None else "-"
-            lines.append(f"| `{r['name']}` | {r['median_ms']:.3f} | {device_ms} | {figure} |")
-        lines.append("")
-    return "\n".join(lines)
+def load_merge(path: str, environment: dict) -> dict:
+    try:
+        earlier = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"--merge={path}: cannot read an earlier report ({e}): pass the .json a report wrote") from None
+    if not isinstance(earlier, dict) or "phases" not in earlier:
+        raise UserError(f"--merge={path} is not a bench.report JSON (no phases in it)")
+    theirs = earlier.get("environment", {})
+    for key in ("device", "torch", "triton", "cuda"):
+        if theirs.get(key) != environment[key]:
+            raise UserError(f"--merge={path} was measured with {key} {theirs.get(key)!r} and this call has "
+                            f"{environment[key]!r}: merge only reports of one machine and software")
+    return earlier
+
+
+def complete(report: dict) -> bool:
+    """Every phase there and whole (done, or skipped for a stated reason)."""
+    return all(report["phases"].get(p, {}).get("status") in ("done", "skipped") for p in PHASES)
+
+
+def write(report: dict, stem: Path) -> None:
+    from bench.report_markdown import markdown
+
+    report["complete"] = complete(report)
+    for suffix, text in ((".json", json.dumps(report, indent=1) + "\n"), (".md", markdown(report))):
+        tmp = stem.with_name(stem.name + suffix + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, stem.with_name(stem.name + suffix))
 
 
 # ---------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="the directory the report is written to")
+    parser.add_argument("--budget_s", type=float, required=True, help="seconds this call may take, all included")
+    parser.add_argument("--data_file", default="", help="the corpus; default: Tiny Shakespeare in --data_dir, "
+                                                        "downloaded if missing (before any phase)")
+    parser.add_argument("--data_dir", default=str(ROOT / "data"))
+    parser.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated, of {', '.join(PHASES)}")
+    parser.add_argument("--merge", default="", help="an earlier report's .json to fold into this one")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default=None,
+                        help="cuda (the default where there is one) or cpu (to test the machinery)")
+    parser.add_argument("--cache_dir", default=str(ROOT / ".cache" / "report"),
+                        help="Triton's, Inductor's and the tuner's caches (kept between commands)")
+    parser.add_argument("--preset", default=None, help="trainer preset of time_to_target (default: "
+                                                       "shakespeare_char on CUDA, cpu on the CPU)")
+    parser.add_argument("--target_val_loss", type=float, default=1.47, help="time_to_target stops here")
+    parser.add_argument("--targets", default="1.55,1.47", help="val losses whose training time is reported")
+    parser.add_argument("--max_iters", type=int, default=5000)
+    parser.add_argument("--eval_iters", type=int, default=50, help="batches per evaluation in time_to_target")
+    parser.add_argument("--train_flag", action="append", default=[], help="extra trainer flag (repeatable)")
+    parser.add_argument("--bench_filter", default=None, help="pytest -k for kernel_bench ('' = every case; "
+                                                             "default: the presets' shapes in the run's dtype)")
+    args = parser.parse_args(argv)
+    args.phases = [p.strip() for p in args.phases.split(",") if p.strip()]
+    unknown = [p for p in args.phases if p not in PHASES]
+    if unknown or not args.phases:
+        raise UserError(f"--phases takes some of {', '.join(PHASES)}, got {', '.join(unknown) or 'none'}")
+    try:
+        args.targets = sorted({float(t) for t in args.targets.split(",") if t.strip()} | {args.target_val_loss},
+                              reverse=True)
+    except ValueError:
+        raise UserError(f"--targets takes comma-separated val losses, got {args.targets!r}") from None
+    if args.budget_s <= 0:
+        raise UserError(f"--budget_s must be > 0, got {args.budget_s:g}")
+    if args.device is None:
+        if not torch.cuda.is_available():
+            raise UserError("no CUDA GPU here, and the report measures one: pass --device=cpu to run its "
+                            "machinery on the CPU")
+        args.device = "cuda"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device=cuda, but torch sees no CUDA GPU here: run on a GPU machine or pass --device=cpu")
+    args.preset = args.preset or ("shakespeare_char" if args.device == "cuda" else "cpu")
+    return args
+
+
+def corpus(args) -> str:
+    """The corpus' absolute path (the trainer runs from the repository root), fetched before any phase so
+    an offline machine stops here, not after the tests and benchmarks."""
+    if args.data_file:
+        if not Path(args.data_file).is_file():
+            raise UserError(f"--data_file={args.data_file} is not a file: pass the corpus path")
+        return str(Path(args.data_file).resolve())
+    if "time_to_target" not in args.phases:
+        return ""
+    return str(tiny_shakespeare(Path(args.data_dir).resolve()))
+
+
+def environment(device: str) -> dict:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip() or "unknown"
+    return {"device": device_name(device), "torch": torch.__version__, "triton": triton.__version__,
+            "cuda": torch.version.cuda, "python": platform.python_version(), "commit": commit}
+
+
+def subprocess_env(args) -> dict:
+    cache = Path(args.cache_dir).resolve()
+    env = {**os.environ, "TRITON_CACHE_DIR": str(cache / "triton"), "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),
+           "FASTGPT_CACHE_DIR": str(cache / "fastgpt"), "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    if args.device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""  # --device=cpu means the CPU in every subprocess, GPU or not
+    return env
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data_file", default="",
-                        help="the corpus (Tiny Shakespeare); default: data/tinyshakespeare/input.txt, downloaded "
-                             "if missing")
-    parser.add_argument("--data_dir", default=str(ROOT / "data"),
-                        help="where Tiny Shakespeare is looked for (and downloaded to) without --data_file")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results"), help="where the report goes")
-    parser.add_argument("--preset", default="shakespeare_char", help="trainer preset of the time-to-target runs")
-    parser.add_argument("--target_val_loss", type=float, default=1.47)
-    parser.add_argument("--max_iters", type=int, default=5000)
-    parser.add_argument("--train_flag", action="append", default=[], help="extra trainer flag (repeatable)")
-    parser.add_argument("--bench_filter", default="not float32",
-                        help="pytest -k expression for bench/ (default: the bf16 and CPU-relevant cases, to keep "
-                             "the report within minutes; '' runs every case)")
-    parser.add_argument("--skip_tests", action="store_true")
-    parser.add_argument("--skip_bench", action="store_true")
-    parser.add_argument("--skip_train", action="store_true")
-    args = parser.parse_args(argv)
-    # absolute paths: the trainer runs from the repository root, the caller may be anywhere
-    data_file = str(Path(args.data_file).resolve()) if args.data_file else ""
-    if data_file and not Path(data_file).is_file():
-        raise UserError(f"--data_file={args.data_file} is not a file: pass the corpus path")
-    if not data_file and not args.skip_train:  # before any phase: an offline machine stops here, not at the end
-        data_file = str(tiny_shakespeare(Path(args.data_dir).resolve()))
-
-    started = time.perf_counter()
-    date = datetime.date.today().isoformat()
+    args = parse_args(argv)
+    budget = Budget(args.budget_s)
+    data_file = corpus(args)
+    env_info = environment(args.device)
+    earlier = load_merge(args.merge, env_info) if args.merge else None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"{date}-{slug(device_name())}"
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip() or "unknown"
+    stem = out / f"{datetime.date.today().isoformat()}-{slug(env_info['device'])}"
     command = shlex.join(["python", "-m", "bench.report", *(argv if argv is not None else sys.argv[1:])])
-    report = {
-        "date": date, "preset": args.preset, "commands": [command],
-        "environment": {"device": device_name(), "torch": torch.__version__, "triton": triton.__version__,
-                        "cuda": torch.version.cuda, "python": platform.python_version(), "commit": commit},
-    }
-    # A report can be made in parts (a phase, or a few benchmarks, per call, e.g. under a per-command time
-    # limit): a call keeps what an earlier report of the same day, device, versions and commit measured and
-    # it does not measure again; every phase records the commands that produced it.
-    try:
-        earlier = json.loads(Path(f"{stem}.json").read_text())
-    except (OSError, ValueError):
-        earlier = None
-    merging = (isinstance(earlier, dict) and earlier.get("environment") == report["environment"]
-               and earlier.get("preset") == args.preset)
-    if merging:
-        report.update({phase: earlier[phase] for phase in PHASES if phase in earlier})
-        report["commands"] = earlier.get("commands", []) + [command]
-
-    def save(done: bool) -> None:
-        report["seconds"] = time.perf_counter() - started
-        # every phase there, and whole (the two time-to-target runs)
-        report["complete"] = done and all(phase in report for phase in PHASES) and len(
-            report["time_to_target"]) == 2
-        Path(f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
-        status = "written" if done else "so far, still running"
-        Path(f"{stem}.md").write_text(markdown(report) + f"\nReport {status}: {report['seconds']:.0f} s.\n")
-
+    report = {"environment": env_info, "preset": args.preset, "targets": args.targets,
+              "commands": (earlier or {}).get("commands", []) + [command],
+              "phases": dict((earlier or {}).get("phases", {}))}
+    earlier_log = Path(args.merge).with_suffix(".log") if args.merge else None
     failed = False
-    with tempfile.TemporaryDirectory() as tmp, open(f"{stem}.log", "a" if merging else "w") as log:
-        work = Path(tmp)
-        if not args.skip_tests:
-            report["kernel_tests"] = kernel_tests(work, log)
-            failed |= report["kernel_tests"]["exit_code"] != 0
-            save(done=False)
-        if not args.skip_bench:
-            bench = benchmarks(work, log, args.bench_filter)
-            if merging and "benchmarks" in report:  # the earlier results, with this call's replacing same names
-                names = {r["name"] for r in bench["results"]}
-                kept = [r for r in report["benchmarks"]["results"] if r["name"] not in names]
-                bench = {**bench, "results": kept + bench["results"],
-                         "command": f"{report['benchmarks']['command']}; {bench['command']}",
-                         "seconds": report["benchmarks"]["seconds"] + bench["seconds"]}
-            report["benchmarks"] = bench
-            save(done=False)
-        if not args.skip_train:
-            report["time_to_target"] = []
-            for reference in (False, True):
-                run = time_to_target(work, log, data_file, args.preset, args.target_val_loss, args.max_iters,
-                                     reference, args.train_flag)
-                report["time_to_target"].append(run)
-                failed |= run["exit_code"] != 0
-                save(done=False)
-    save(done=True)
-    print(f"wrote {stem}.json, {stem}.md and {stem}.log ({report['seconds']:.0f} s)")
+    with tempfile.TemporaryDirectory(prefix="fastgpt-report-") as tmp, open(f"{stem}.log", "w") as log:
+        if earlier_log is not None and earlier_log.is_file() and earlier_log.resolve() != Path(f"{stem}.log").resolve():
+            log.write(earlier_log.read_text())
+        phases = Phases(args, Path(tmp), log, subprocess_env(args), data_file)
+        write(report, stem)
+        for name in [p for p in PHASES if p in args.phases]:
+            left = budget.left()
+            if left < MIN_PHASE_S:
+                result = {"status": "cut", "ran": False, "reason": f"no time left in --budget_s={args.budget_s:g}"}
+            else:
+                result = getattr(phases, name)(left)
+            result |= {"commit": env_info["commit"], "call": len(report["commands"])}
+            report["phases"][name] = merge_phase(name, report["phases"].get(name), result)
+            failed |= result["status"] == "failed"
+            print(f"bench.report: {name}: {result['status']} ({result.get('seconds', 0):.0f} s)", flush=True)
+            write(report, stem)
+    print(f"wrote {stem}.json, .md and .log; complete: {report['complete']}")
     return 1 if failed else 0
 
 

@@ -1,45 +1,137 @@
-"""`python -m bench.report`, the one-command GPU report, smoke-tested on the CPU with a tiny budget."""
+"""`python -m bench.report`, the GPU report, run on the CPU (`--device=cpu`: every subprocess is kept off
+any GPU, so these tests mean the same on a GPU machine): its phases, the time budget, results streamed as
+they are measured, reports made over several commands, and its one-line refusals."""
 
 from __future__ import annotations
 
+import argparse
 import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
 
 from conftest import ROOT, run_module
 
+TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4", "--eval_interval=10"]
 
-def test_report_writes_json_and_markdown(small_corpus, tmp_path):
-    tiny = ["--device=cpu", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4",
-            "--eval_iters=2", "--eval_interval=10", f"--data_dir={tmp_path}"]
+
+def report_json(out: Path) -> tuple[Path, dict]:
+    (path,) = out.glob("*.json")
+    return path, json.loads(path.read_text())
+
+
+def test_time_to_target_reads_the_time_to_every_target_off_the_runs(small_corpus, tmp_path):
     # run from elsewhere with a relative corpus path: the trainer, started in the repository, still finds it
-    proc = run_module("bench.report", "--skip_tests", "--skip_bench", "--preset=cpu", "--max_iters=20",
-                      "--target_val_loss=2.9", f"--data_file={small_corpus.name}", f"--out={tmp_path / 'out'}",
-                      *[f"--train_flag={flag}" for flag in tiny], cwd=small_corpus.parent,
-                      env={"PYTHONPATH": str(ROOT)})
+    proc = run_module("bench.report", "--device=cpu", "--phases=time_to_target", "--budget_s=200", "--max_iters=30",
+                      "--target_val_loss=2.9", "--targets=3.5", "--eval_iters=2", f"--data_file={small_corpus.name}",
+                      f"--out={tmp_path / 'out'}", f"--cache_dir={tmp_path / 'cache'}",
+                      *[f"--train_flag={flag}" for flag in TINY], cwd=small_corpus.parent, env={"PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr
-    (report_json,) = (tmp_path / "out").glob("*.json")
-    report = json.loads(report_json.read_text())
-    runs = report["time_to_target"]
-    assert [r["kernels"].split()[0] for r in runs] == ["auto", "reference"]
-    for r in runs:
-        assert r["exit_code"] == 0 and r["iters"] is not None and r["train_seconds"] > 0
-        assert r["val_curve"][0][0] == 0 and r["tokens_per_sec"] > 0
-        assert r["command"].startswith("-m fastgpt.train --preset=cpu") and r["device"] == "cpu"
-    markdown = report_json.with_suffix(".md").read_text()
-    assert "## Time to target (cpu)" in markdown and "--reference" in markdown
-    assert report["environment"]["torch"] and report["environment"]["triton"]
-    assert not report["complete"]  # no kernel tests or benchmarks in it
+    path, report = report_json(tmp_path / "out")
+    assert report["targets"] == [3.5, 2.9] and not report["complete"]  # the other phases are missing
+    phase = report["phases"]["time_to_target"]
+    assert phase["status"] == "done" and [r["kernels"].split()[0] for r in phase["runs"]] == ["auto", "reference"]
+    for r in phase["runs"]:
+        assert r["status"] == "done" and r["device"] == "cpu" and "--eval_iters=2 --sample_chars=0" in r["command"]
+        curve = r["val_curve"]
+        assert curve[0][:2] == [0, 0.0] and [c[1] for c in curve] == sorted(c[1] for c in curve)
+        # the time to a target is the training time before the first evaluation at or below it
+        first = next(c for c in curve if c[2] <= 3.5)
+        assert r["reached"]["3.5"] == {"iter": first[0], "train_seconds": pytest.approx(first[1], abs=0.01)}
+        assert r["reached"]["2.9"] is None or r["reached"]["2.9"]["iter"] == r["iters"]
+        assert r["tokens_per_sec"] > 0
+    markdown = path.with_suffix(".md").read_text()
+    assert "## Time to target (cpu)" in markdown and "| to 3.5 | to 2.9 |" in markdown
+    assert "--reference" in markdown and path.with_suffix(".log").read_text().count("$ ") == 2
 
-    # a later call that skips the training keeps it: a report can be made one phase per call
-    again = run_module("bench.report", "--skip_tests", "--skip_bench", "--skip_train", "--preset=cpu",
-                       f"--out={tmp_path / 'out'}")
-    assert again.returncode == 0, again.stderr
-    merged = json.loads(report_json.read_text())
-    assert merged["time_to_target"] == runs and len(merged["commands"]) == 2
-    assert "Made in parts by" in report_json.with_suffix(".md").read_text()
+
+def test_a_report_made_over_several_commands_keeps_every_phase(tmp_path):
+    """Two calls, the second into another directory with --merge: the report has both calls' phases, its
+    benchmarks merged by name (the second call's replacing the first's), and both logs."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    common = ["--device=cpu", "--budget_s=300", f"--cache_dir={tmp_path / 'cache'}"]
+    proc = run_module("bench.report", *common, "--phases=kernel_bench",
+                      "--bench_filter=cpu-reference-B4-T256 or cpu-reference-cache", f"--out={first}")
+    assert proc.returncode == 0, proc.stderr
+    path, report = report_json(first)
+    proc = run_module("bench.report", *common, "--phases=kernel_bench,smoke", "--bench_filter=cpu-reference-cache",
+                      f"--merge={path}", f"--out={second}")
+    assert proc.returncode == 0, proc.stderr
+    merged_path, merged = report_json(second)
+    bench = merged["phases"]["kernel_bench"]
+    assert sorted(r["name"] for r in bench["results"]) == ["test_attention[cpu-reference-B4-T256-causal-fwd+bwd]",
+                                                          "test_sample[cpu-reference-cache]"]
+    assert bench["command"].count("pytest bench/") == 2 and len(merged["commands"]) == 2
+    assert [r["name"] for r in merged["phases"]["smoke"]["results"]] == [
+        "layer_norm", "add_layer_norm", "linear_gelu", "causal_attention", "gpt"]
+    assert all(r["ok"] for r in merged["phases"]["smoke"]["results"])
+    assert merged_path.with_suffix(".log").read_text().startswith(path.with_suffix(".log").read_text())
+    assert "Made by:" in merged_path.with_suffix(".md").read_text()
+
+    # a report of another machine or software is not folded in
+    other = json.loads(path.read_text())
+    other["environment"]["device"] = "NVIDIA H200"
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    proc = run_module("bench.report", *common, "--phases=smoke", f"--merge={tmp_path / 'other.json'}",
+                      f"--out={tmp_path / 'third'}")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "was measured with device 'NVIDIA H200'" in proc.stderr
+
+
+def test_the_budget_holds_and_what_did_not_fit_is_recorded_as_cut(tmp_path):
+    """Every phase asked for in 40 seconds, which cannot hold them all (the trainer alone would run for
+    minutes): the report ends within a few seconds of the budget, every phase is recorded, those cut short
+    with what they measured and those never started as cut."""
+    started = time.monotonic()
+    proc = run_module("bench.report", "--device=cpu", "--budget_s=40", f"--out={tmp_path / 'out'}",
+                      f"--cache_dir={tmp_path / 'cache'}", "--max_iters=100000", "--train_flag=--eval_interval=50",
+                      f"--data_file={ROOT / 'README.md'}")
+    seconds = time.monotonic() - started
+    assert proc.returncode == 0, proc.stderr
+    assert 30 < seconds < 46, seconds
+    _, report = report_json(tmp_path / "out")
+    phases = report["phases"]
+    assert list(phases) == ["smoke", "kernel_tests", "train_step", "kernel_bench", "time_to_target"]
+    assert phases["kernel_tests"]["status"] == "skipped" and "need CUDA" in phases["kernel_tests"]["reason"]
+    assert phases["time_to_target"]["status"] == "cut" and not report["complete"]
+    for phase in phases.values():
+        assert phase["status"] in ("done", "skipped", "cut")
+        assert phase.get("seconds", 0) < 40
+
+
+def test_a_pytest_phase_cut_at_its_limit_keeps_the_results_it_had(tmp_path):
+    """The tests stream their results as they are decided: killed at the time limit, the phase keeps them."""
+    from bench.report import Phases
+
+    tests = tmp_path / "test_slow.py"
+    tests.write_text("import time\n\ndef test_quick():\n    pass\n\ndef test_fails():\n    assert 1 == 2\n\n"
+                     "def test_hangs():\n    time.sleep(600)\n")
+    with open(tmp_path / "log", "w") as log:
+        phases = Phases(argparse.Namespace(device="cpu"), tmp_path, log,
+                        {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, "")
+        started = time.monotonic()
+        record, lines = phases._pytest("t", [str(tests)], [], timeout=12)
+    assert time.monotonic() - started < 20
+    assert record["status"] == "cut"
+    assert [(r["nodeid"].split("::")[1], r["outcome"]) for r in lines] == [("test_quick", "passed"),
+                                                                          ("test_fails", "failed")]
+    assert "assert 1 == 2" in lines[1]["message"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_without_a_gpu_the_report_needs_device_cpu(tmp_path):
+    proc = run_module("bench.report", "--budget_s=60", f"--out={tmp_path}")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "bench.report: error: no CUDA GPU here, and the report measures one: pass --device=cpu to run its machinery "
+        "on the CPU"]
 
 
 def test_report_rejects_a_missing_corpus(tmp_path):
-    proc = run_module("bench.report", f"--data_file={tmp_path / 'nope.txt'}", f"--out={tmp_path}")
+    proc = run_module("bench.report", "--device=cpu", "--budget_s=60", f"--data_file={tmp_path / 'nope.txt'}",
+                      f"--out={tmp_path}")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"bench.report: error: --data_file={tmp_path / 'nope.txt'} is not a file: pass the corpus path"]
@@ -49,22 +141,45 @@ def test_report_stops_before_any_phase_when_it_cannot_get_the_corpus(tmp_path):
     """Without --data_file the corpus is fetched first, so an offline machine stops before the tests and
     benchmarks, not after them (here data/tinyshakespeare/input.txt is a directory, which fails the same way)."""
     (tmp_path / "tinyshakespeare" / "input.txt").mkdir(parents=True)
-    proc = run_module("bench.report", f"--data_dir={tmp_path}", f"--out={tmp_path / 'out'}")
+    proc = run_module("bench.report", "--device=cpu", "--budget_s=60", f"--data_dir={tmp_path}",
+                      f"--out={tmp_path / 'out'}")
     assert proc.returncode == 2 and not (tmp_path / "out").exists()
     (line,) = proc.stderr.strip().splitlines()
     assert line.startswith("bench.report: error: ") and "pass --data_file=PATH" in line
 
 
-def test_report_made_in_parts_keeps_earlier_benchmarks(tmp_path):
-    """Two calls timing cheap CPU benchmarks, the second one of the first's two: the report holds both, once
-    each (the second call's result replaces the first's of the same name)."""
-    out = f"--out={tmp_path / 'out'}"
-    for bench_filter in ("cpu-reference-B4-T256 or cpu-reference-cache", "cpu-reference-cache"):
-        proc = run_module("bench.report", "--skip_tests", "--skip_train", f"--bench_filter={bench_filter}", out)
-        assert proc.returncode == 0, proc.stderr
-    (report_json,) = (tmp_path / "out").glob("*.json")
-    bench = json.loads(report_json.read_text())["benchmarks"]
-    names = [r["name"] for r in bench["results"]]
-    assert sorted(names) == ["test_attention[cpu-reference-B4-T256-causal-fwd+bwd]",
-                             "test_sample[cpu-reference-cache]"]
-    assert bench["command"].count("pytest bench/") == 2
+@pytest.mark.parametrize("flags, message", [
+    (["--phases=smoke,typo"], "--phases takes some of smoke, kernel_tests, train_step, kernel_bench, "
+                              "time_to_target, got typo"),
+    (["--budget_s=0"], "--budget_s must be > 0, got 0"),
+    (["--targets=1.5,x"], "--targets takes comma-separated val losses, got '1.5,x'"),
+])
+def test_bad_flags_are_one_line(tmp_path, flags, message):
+    proc = run_module("bench.report", "--device=cpu", "--budget_s=60", f"--out={tmp_path}", *flags)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [f"bench.report: error: {message}"]
+
+
+def test_smoke_records_a_case_that_raises_and_runs_the_rest(tmp_path, monkeypatch, capsys):
+    from bench import smoke
+
+    cases = smoke.op_cases
+
+    def broken(shape, device):
+        ops = cases(shape, device)
+        triton_fn, *rest = ops["layer_norm"]
+        ops["layer_norm"] = (lambda *a: (_ for _ in ()).throw(RuntimeError("kernel exploded")), *rest)
+        return {name: ops[name] for name in ("layer_norm", "add_layer_norm")}
+
+    monkeypatch.setattr(smoke, "op_cases", broken)
+    monkeypatch.setattr(smoke, "model_case", lambda *a: {"name": "gpt", "ok": True})
+    out = tmp_path / "smoke.jsonl"
+    assert smoke.main([f"--out={out}", "--device=cpu"]) == 1
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["name"], r["ok"]) for r in lines] == [("layer_norm", False), ("add_layer_norm", True), ("gpt", True)]
+    assert lines[0]["error"] == "RuntimeError: kernel exploded" and "Traceback" in lines[0]["traceback"]
+    assert "smoke layer_norm: FAILED" in capsys.readouterr().out
+
+
+def test_smoke_needs_the_interpreter_on_the_cpu(tmp_path):
+    proc = run_module("bench.smoke", f"--out={tmp_path / 's.jsonl'}", "--device=cpu", env={"TRITON_INTERPRET": "0"})
+    assert proc.returncode == 2 and "set TRITON_INTERPRET=1" in proc.stderr
