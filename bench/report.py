@@ -346,6 +346,8 @@ def environment(device: str) -> dict:
 def subprocess_env(args) -> dict:
     cache = Path(args.cache_dir).resolve()
     env = {**os.environ, "TRITON_CACHE_DIR": str(cache / "triton"), "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),
+           # Inductor's compiled graphs and AOTAutograd's joint graphs, reused by a later process
+           "TORCHINDUCTOR_FX_GRAPH_CACHE": "1", "TORCHINDUCTOR_AUTOGRAD_CACHE": "1",
            "FASTGPT_CACHE_DIR": str(cache / "fastgpt"), "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
     if args.device == "cpu":

@@ -455,7 +455,10 @@ def train(cfg: TrainConfig, given: set[str], ckpt: dict | None, world: World) ->
     log(f"best val loss {best_val:.4f}; checkpoints in {out_dir} (best.pt: best val, ckpt.pt: latest)")
     if cfg.sample_chars and world.master:
         prompt = default_prompt(corpus.tokenizer)
-        (text,) = complete(raw_model.eval(), corpus.tokenizer, prompt, cfg.sample_chars, cfg.seed)
+        # on the references: the sample runs in fp32, one row at a time, and on the kernels it would compile
+        # an fp32 set of them (tens of seconds on a GPU) for milliseconds of work
+        with kernels.backend("reference"):
+            (text,) = complete(raw_model.eval(), corpus.tokenizer, prompt, cfg.sample_chars, cfg.seed)
         log("sample:\n" + text[len(prompt):])
     return 0
 
