@@ -52,10 +52,10 @@ from fastgpt.data import tiny_shakespeare
 
 ROOT = Path(__file__).resolve().parent.parent
 PHASES = ("smoke", "kernel_tests", "train_step", "kernel_bench", "time_to_target")
-KERNEL_TESTS = ["tests/test_kernels.py", "tests/test_layernorm.py", "tests/test_mlp.py", "tests/test_attention.py",
+KERNEL_TESTS = ["tests/test_kernels.py", "tests/test_layer_norm.py", "tests/test_linear_gelu.py", "tests/test_attention.py",
                 "tests/test_tuning.py",
                 "tests/test_train.py::test_cuda_trains_compiled_on_the_kernels_in_bf16_and_reports_mfu"]
-KERNEL_BENCH = ["bench/test_layernorm.py", "bench/test_mlp.py", "bench/test_attention.py",
+KERNEL_BENCH = ["bench/test_layer_norm.py", "bench/test_linear_gelu.py", "bench/test_attention.py",
                 "bench/test_train_step.py::test_sample"]
 # the presets' shapes in the run's dtype: (64*256, 384) rows, the (64, 6, 256, 64) attention, sampling
 BENCH_FILTER = {"cuda": "(16384x384 or B64-T256 or test_sample) and not float32",

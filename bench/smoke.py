@@ -68,9 +68,9 @@ def op_step(fn: Callable, inputs: tuple, dtype: torch.dtype, seed: int) -> Calla
 def op_cases(shape: dict, device: torch.device) -> dict[str, tuple[Callable, Callable, tuple, list[str]]]:
     """name -> (triton fn, reference fn, fp32 inputs, names of the compared tensors)."""
     from kernels.attention import causal_attention_reference, causal_attention_triton
-    from kernels.layernorm import (add_layer_norm_reference, add_layer_norm_triton, layer_norm_reference,
+    from kernels.layer_norm import (add_layer_norm_reference, add_layer_norm_triton, layer_norm_reference,
                                    layer_norm_triton)
-    from kernels.mlp import linear_gelu_reference, linear_gelu_triton
+    from kernels.linear_gelu import linear_gelu_reference, linear_gelu_triton
 
     g = torch.Generator(device=device).manual_seed(0)
     b, t, c, h = shape["batch"], shape["block"], shape["n_embd"], shape["n_head"]

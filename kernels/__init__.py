@@ -2,8 +2,8 @@
 
 from kernels.attention import causal_attention
 from kernels.backend import backend, get_backend, set_backend
-from kernels.layernorm import add_layer_norm, layer_norm
-from kernels.mlp import linear_gelu
+from kernels.layer_norm import add_layer_norm, layer_norm
+from kernels.linear_gelu import linear_gelu
 
 __all__ = ["add_layer_norm", "backend", "causal_attention", "get_backend", "layer_norm", "linear_gelu",
            "set_backend"]

@@ -46,6 +46,7 @@ import triton
 import triton.language as tl
 
 from kernels.backend import select
+from kernels.core import aot_spec, tensor_problem
 
 
 def causal_mask(tq: int, tk: int, window: int | None, device: torch.device) -> torch.Tensor:
@@ -136,6 +137,16 @@ def _head_seed(Seed, bh, DROPOUT: tl.constexpr):
 
 
 @triton.jit
+def _at_head(bh, H, A, stride_ab, stride_ah, B, stride_bb, stride_bh, C, stride_cb, stride_ch, D, stride_db,
+             stride_dh):
+    """Four (B, H, T, D) pointers advanced to the (batch, head) bh = b * H + h, in 64-bit offsets."""
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    return (A + b * stride_ab + h * stride_ah, B + b * stride_bb + h * stride_bh, C + b * stride_cb + h * stride_ch,
+            D + b * stride_db + h * stride_dh)
+
+
+@triton.jit
 def _tile_start(i, lo_a, n_a, lo_b, BLOCK: tl.constexpr):
     """Start of the i-th tile of the runs [lo_a, lo_a + n_a * BLOCK) and then lo_b, lo_b + BLOCK, ..."""
     return tl.where(i < n_a, lo_a + i * BLOCK, lo_b + (i - n_a) * BLOCK)
@@ -201,12 +212,8 @@ def _attention_fwd_kernel(
     # the last query tiles see the most keys: launch them first so the short ones fill the tail
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    Q += b * stride_qb + h * stride_qh
-    K += b * stride_kb + h * stride_kh
-    V += b * stride_vb + h * stride_vh
-    Out += b * stride_ob + h * stride_oh
+    Q, K, V, Out = _at_head(bh, H, Q, stride_qb, stride_qh, K, stride_kb, stride_kh, V, stride_vb, stride_vh,
+                            Out, stride_ob, stride_oh)
     Lse += bh.to(tl.int64) * Tq
     seed = _head_seed(Seed, bh, DROPOUT)
 
@@ -307,40 +314,13 @@ def _attention_bwd_dkdv_tiles(dk, dv, k, v, Q, DO, Lse, Delta, stride_qt, stride
     return dk, dv
 
 
-@triton.jit(do_not_specialize=_SIZES)
-def _attention_bwd_dkdv_kernel(
-    Q, DO,  # (B, H, Tq, D), strided, unit stride along D
-    K, V,  # (B, H, Tk, D), strided, unit stride along D
-    Lse, Delta,  # (B, H, Tq) fp32, contiguous
-    DK, DV,  # (B, H, Tk, D), strided, unit stride along D
-    Seed,  # (1,) int64: dropout seed, read only with DROPOUT
-    stride_qb, stride_qh, stride_qt,
-    stride_dob, stride_doh, stride_dot,
-    stride_kb, stride_kh, stride_kt,
-    stride_vb, stride_vh, stride_vt,
-    stride_dkb, stride_dkh, stride_dkt,
-    stride_dvb, stride_dvh, stride_dvt,
-    H, Tq, Tk, window,
-    qk_scale,  # log2(e) / sqrt(D)
-    sm_scale,  # 1 / sqrt(D)
-    dropout_p,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-):
+@triton.jit
+def _attention_bwd_dkdv(Q, DO, K, V, Lse, Delta, DK, DV, seed, stride_qt, stride_dot, stride_kt, stride_vt,
+                        stride_dkt, stride_dvt, Tq, Tk, window, qk_scale, sm_scale, dropout_p,
+                        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
+    """dK and dV of the key tile [start_n, start_n + BLOCK_N) of one (batch, head)."""
     start_n = tl.program_id(0) * BLOCK_N
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    Q += b * stride_qb + h * stride_qh
-    DO += b * stride_dob + h * stride_doh
-    K += b * stride_kb + h * stride_kh
-    V += b * stride_vb + h * stride_vh
-    DK += b * stride_dkb + h * stride_dkh
-    DV += b * stride_dvb + h * stride_dvh
-    Lse += bh.to(tl.int64) * Tq
-    Delta += bh.to(tl.int64) * Tq
-    seed = _head_seed(Seed, bh, DROPOUT)
-
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     col_ok = offs_n[:, None] < Tk
@@ -401,38 +381,13 @@ def _attention_bwd_dq_tiles(dq, q, do, lse, delta, K, V, stride_kt, stride_vt, o
     return dq
 
 
-@triton.jit(do_not_specialize=_SIZES)
-def _attention_bwd_dq_kernel(
-    Q, DO,  # (B, H, Tq, D), strided, unit stride along D
-    K, V,  # (B, H, Tk, D), strided, unit stride along D
-    Lse, Delta,  # (B, H, Tq) fp32, contiguous
-    DQ,  # (B, H, Tq, D), strided, unit stride along D
-    Seed,  # (1,) int64: dropout seed, read only with DROPOUT
-    stride_qb, stride_qh, stride_qt,
-    stride_dob, stride_doh, stride_dot,
-    stride_kb, stride_kh, stride_kt,
-    stride_vb, stride_vh, stride_vt,
-    stride_dqb, stride_dqh, stride_dqt,
-    H, Tq, Tk, window,
-    qk_scale,  # log2(e) / sqrt(D)
-    sm_scale,  # 1 / sqrt(D)
-    dropout_p,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-):
+@triton.jit
+def _attention_bwd_dq(Q, DO, K, V, Lse, Delta, DQ, seed, stride_qt, stride_dot, stride_kt, stride_vt, stride_dqt,
+                      Tq, Tk, window, qk_scale, sm_scale, dropout_p,
+                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
+    """dQ of the query tile [start_m, start_m + BLOCK_M) of one (batch, head)."""
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    Q += b * stride_qb + h * stride_qh
-    DO += b * stride_dob + h * stride_doh
-    K += b * stride_kb + h * stride_kh
-    V += b * stride_vb + h * stride_vh
-    DQ += b * stride_dqb + h * stride_dqh
-    Lse += bh.to(tl.int64) * Tq
-    Delta += bh.to(tl.int64) * Tq
-    seed = _head_seed(Seed, bh, DROPOUT)
-
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < Tq
@@ -455,6 +410,47 @@ def _attention_bwd_dq_kernel(
              mask=row_ok[:, None])
 
 
+@triton.jit(do_not_specialize=_SIZES)
+def _attention_bwd_kernel(
+    Q, DO,  # (B, H, Tq, D), strided, unit stride along D
+    K, V,  # (B, H, Tk, D), strided, unit stride along D
+    Lse, Delta,  # (B, H, Tq) fp32, contiguous
+    DQ,  # (B, H, Tq, D) out (DQ_PART), strided, unit stride along D
+    DK, DV,  # (B, H, Tk, D) out (not DQ_PART), strided, unit stride along D
+    Seed,  # (1,) int64: dropout seed, read only with DROPOUT
+    stride_qb, stride_qh, stride_qt,
+    stride_dob, stride_doh, stride_dot,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_dqb, stride_dqh, stride_dqt,
+    stride_dkb, stride_dkh, stride_dkt,
+    stride_dvb, stride_dvh, stride_dvt,
+    H, Tq, Tk, window,
+    qk_scale,  # log2(e) / sqrt(D)
+    sm_scale,  # 1 / sqrt(D)
+    dropout_p,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    DQ_PART: tl.constexpr,  # one program per query tile, for dQ; else one per key tile, for dK and dV
+):
+    bh = tl.program_id(1)
+    Q, DO, K, V = _at_head(bh, H, Q, stride_qb, stride_qh, DO, stride_dob, stride_doh, K, stride_kb, stride_kh,
+                           V, stride_vb, stride_vh)
+    DQ, DK, DV, _ = _at_head(bh, H, DQ, stride_dqb, stride_dqh, DK, stride_dkb, stride_dkh, DV, stride_dvb,
+                             stride_dvh, DV, stride_dvb, stride_dvh)
+    Lse += bh.to(tl.int64) * Tq
+    Delta += bh.to(tl.int64) * Tq
+    seed = _head_seed(Seed, bh, DROPOUT)
+    if DQ_PART:
+        _attention_bwd_dq(Q, DO, K, V, Lse, Delta, DQ, seed, stride_qt, stride_dot, stride_kt, stride_vt,
+                          stride_dqt, Tq, Tk, window, qk_scale, sm_scale, dropout_p,
+                          HEAD_DIM, BLOCK_M, BLOCK_N, DROPOUT, PRECISION)
+    else:
+        _attention_bwd_dkdv(Q, DO, K, V, Lse, Delta, DK, DV, seed, stride_qt, stride_dot, stride_kt, stride_vt,
+                            stride_dkt, stride_dvt, Tq, Tk, window, qk_scale, sm_scale, dropout_p,
+                            HEAD_DIM, BLOCK_M, BLOCK_N, DROPOUT, PRECISION)
+
+
 @triton.jit
 def _attention_dropout_mask_kernel(
     Seed,  # (1,) int64
@@ -474,7 +470,6 @@ def _attention_dropout_mask_kernel(
 # ---------------------------------------------------------------------------------------------------
 # launchers
 
-_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 HEAD_DIMS = (16, 32, 64, 128)
 # B*H is the launch grid's second axis, which CUDA caps at 65535 programs (the first axis, the query or
 # key tiles, is the one without a cap, but it keeps a head's tiles together so they share its K/V in L2)
@@ -513,16 +508,10 @@ def _precision(dtype: torch.dtype) -> str:
 
 def _problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> str | None:
     """Why the Triton path cannot take these inputs (beyond the public entry's shape checks and
-    `select`'s device check), in one line, or None when it can."""
-    for label, t in (("q", q), ("k", k), ("v", v)):
-        if t.dtype not in _DTYPES:
-            return (f"causal_attention: the Triton kernel takes float16, bfloat16 or float32, got {label} in "
-                    f"{t.dtype}; use kernels.set_backend('reference') for other dtypes")
-        if t.dtype != q.dtype:
-            return f"causal_attention: q, k and v must share a dtype, got q in {q.dtype} and {label} in {t.dtype}"
-        if t.device != q.device:
-            return (f"causal_attention: q, k and v must be on one device, got q on {q.device} and {label} on "
-                    f"{t.device}")
+    `select`'s device check), in one line, or None when it can (`auto` and the launchers' check)."""
+    problem = tensor_problem("causal_attention", {"q": q, "k": k, "v": v}, one_dtype=True)
+    if problem:
+        return problem
     if q.size(-1) not in HEAD_DIMS:
         return (f"causal_attention: the Triton kernel supports head_dim in {', '.join(map(str, HEAD_DIMS))}, got "
                 f"{q.size(-1)}; choose n_embd / n_head accordingly or use kernels.set_backend('reference')")
@@ -533,12 +522,6 @@ def _problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float
         return (f"causal_attention: dropout in the Triton kernel needs Tq * Tk < 2**31, got {q.size(-2)} x "
                 f"{k.size(-2)}")
     return None
-
-
-def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> None:
-    problem = _problem(q, k, v, dropout_p)
-    if problem:
-        raise ValueError(problem)
 
 
 def _unit_stride(t: torch.Tensor) -> torch.Tensor:
@@ -604,21 +587,14 @@ def _backward(dout, q, k, v, out, lse, seed, dropout_p, window):
         out, dout, delta, *_strides(out), *_strides(dout), h, tq,
         HEAD_DIM=d, BLOCK_M=block_m, num_warps=num_warps, num_stages=num_stages,
     )
-    common = dict(HEAD_DIM=d, DROPOUT=dropout_p > 0, PRECISION=_precision(q.dtype))
-    scalars = (h, tq, tk, _window(window, tk), math.log2(math.e) / math.sqrt(d), 1.0 / math.sqrt(d), dropout_p)
-    seed = _seed_arg(seed, q)
-    block_m, block_n, num_warps, num_stages = tiles["dkdv"]
-    _attention_bwd_dkdv_kernel[(triton.cdiv(tk, block_n), b * h)](
-        q, dout, k, v, lse, delta, dk, dv, seed,
-        *_strides(q), *_strides(dout), *_strides(k), *_strides(v), *_strides(dk), *_strides(dv), *scalars,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, **common,
-    )
-    block_m, block_n, num_warps, num_stages = tiles["dq"]
-    _attention_bwd_dq_kernel[(triton.cdiv(tq, block_m), b * h)](
-        q, dout, k, v, lse, delta, dq, seed,
-        *_strides(q), *_strides(dout), *_strides(k), *_strides(v), *_strides(dq), *scalars,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, **common,
-    )
+    args = (q, dout, k, v, lse, delta, dq, dk, dv, _seed_arg(seed, q), *_strides(q), *_strides(dout), *_strides(k),
+            *_strides(v), *_strides(dq), *_strides(dk), *_strides(dv), h, tq, tk, _window(window, tk),
+            math.log2(math.e) / math.sqrt(d), 1.0 / math.sqrt(d), dropout_p)
+    for part, tiles_along in (("dkdv", tk), ("dq", tq)):
+        block_m, block_n, num_warps, num_stages = tiles[part]
+        _attention_bwd_kernel[(triton.cdiv(tiles_along, block_n if part == "dkdv" else block_m), b * h)](
+            *args, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, DROPOUT=dropout_p > 0, PRECISION=_precision(q.dtype),
+            DQ_PART=part == "dq", num_warps=num_warps, num_stages=num_stages)
     return dq, dk, dv
 
 
@@ -634,14 +610,13 @@ def _aot_spec(fn, dtype: str, constexprs: dict, tile: tuple[int, int, int, int],
     """One tests/aot.py spec: `fn` with `dtype` tensors, the given compile-time arguments and tile."""
     block_m, block_n, num_warps, num_stages = tile
     constexprs = {**constexprs, "BLOCK_M": block_m, **({"BLOCK_N": block_n} if "BLOCK_N" in fn.arg_names else {})}
-    types = {"Lse": "*fp32", "Delta": "*fp32", "Seed": "*i64", "Mask": "*i8", "qk_scale": "fp32",
-             "sm_scale": "fp32", "dropout_p": "fp32", "H": "i32", "Tq": "i32", "Tk": "i32", "window": "i32"}
-    signature = {name: "constexpr" if name in constexprs else "i32" if name.startswith("stride_")
-                 else types.get(name, f"*{dtype}") for name in fn.arg_names}
-    return {"fn": fn, "signature": signature, "constexprs": constexprs, "num_warps": num_warps,
-            "num_stages": num_stages, "tags": {"dtype": dtype, **tags},
-            # what the JIT sees for the model's tensors: every stride a multiple of 16 elements
-            "divisible": [name for name in fn.arg_names if name.startswith("stride_")]}
+    scalars = {"Lse": "*fp32", "Delta": "*fp32", "Seed": "*i64", "Mask": "*i8", "qk_scale": "fp32",
+               "sm_scale": "fp32", "dropout_p": "fp32"}
+    sizes = set(_SIZES)
+    tensors = {name: f"*{dtype}" for name in fn.arg_names
+               if name not in scalars and name not in sizes and not name.startswith("stride_")}
+    # the model's tensors have every stride a multiple of 16 elements: the JIT specialises them so
+    return aot_spec(fn, {**tensors, **scalars}, constexprs, num_warps, num_stages, {"dtype": dtype, **tags})
 
 
 def aot_specs():
@@ -659,8 +634,9 @@ def aot_specs():
                 tags = {"head_dim": d, "dropout": dropout}
                 flags = {**common, "DROPOUT": dropout}
                 yield _aot_spec(_attention_fwd_kernel, name, flags, train["fwd"], {**tags, "regime": "train"})
-                yield _aot_spec(_attention_bwd_dkdv_kernel, name, flags, train["dkdv"], tags)
-                yield _aot_spec(_attention_bwd_dq_kernel, name, flags, train["dq"], tags)
+                for part in ("dkdv", "dq"):
+                    yield _aot_spec(_attention_bwd_kernel, name, {**flags, "DQ_PART": part == "dq"}, train[part],
+                                    {**tags, "part": part})
             yield _aot_spec(_attention_fwd_kernel, name, {**common, "DROPOUT": False}, decode["fwd"],
                             {"head_dim": d, "dropout": False, "regime": "decode"})
             yield _aot_spec(_attention_bwd_preprocess_kernel, name, {"HEAD_DIM": d}, train["preprocess"],
@@ -695,20 +671,20 @@ def _(dout, q, k, v, out, lse, seed, dropout_p, window):
     return _empty_bthd(q, q.size(2)), _empty_bthd(k, k.size(2)), _empty_bthd(v, v.size(2))
 
 
-def _setup_context(ctx, inputs, output):
+def _setup_causal_attention(ctx, inputs, output):
     q, k, v, seed, dropout_p, window = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, seed)
     ctx.dropout_p, ctx.window = dropout_p, window
 
 
-def _causal_attention_backward(ctx, dout, dlse):
+def _grad_causal_attention(ctx, dout, dlse):
     q, k, v, out, lse, seed = ctx.saved_tensors
     dq, dk, dv = _causal_attention_bwd(dout, q, k, v, out, lse, seed, ctx.dropout_p, ctx.window)
     return dq, dk, dv, None, None, None
 
 
-_causal_attention_fwd.register_autograd(_causal_attention_backward, setup_context=_setup_context)
+_causal_attention_fwd.register_autograd(_grad_causal_attention, setup_context=_setup_causal_attention)
 
 
 def causal_attention_triton(
@@ -718,7 +694,6 @@ def causal_attention_triton(
     dropout_p: float = 0.0,
     window: int | None = None,
 ) -> torch.Tensor:
-    _check(q, k, v, dropout_p)
     # The dropout seed is drawn on q's device from torch's generator: torch.manual_seed reproduces a run,
     # and the kernels load it from device memory, so there is no host sync, eagerly or in a compiled
     # graph (where the draw is part of the graph). The kernels give it the (batch, head) as high bits.
@@ -744,6 +719,5 @@ def causal_attention(
         raise ValueError(f"causal_attention: dropout_p must be in [0, 1), got {dropout_p}")
     if window is not None and window < 1:
         raise ValueError(f"causal_attention: window must be None or >= 1, got {window}")
-    supported = _problem(q, k, v, dropout_p) is None
-    return select("causal_attention", q, causal_attention_reference, causal_attention_triton, supported)(
-        q, k, v, dropout_p, window)
+    return select("causal_attention", q, causal_attention_reference, causal_attention_triton,
+                  _problem(q, k, v, dropout_p))(q, k, v, dropout_p, window)

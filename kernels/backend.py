@@ -3,14 +3,16 @@
 "auto" runs an op's Triton kernel on CUDA tensors it supports and its PyTorch reference everywhere else
 (other devices; inputs outside a kernel's limits, such as an unsupported head_dim); "triton"
 runs the Triton kernel on every device (on the CPU that means the Triton interpreter, which tests use);
-"reference" runs the PyTorch reference everywhere. An op that has no Triton kernel yet always runs its
-reference under "auto", and refuses "triton" with a message rather than silently measuring the wrong
-thing.
+"reference" runs the PyTorch reference everywhere. On CUDA, the first time "auto" sends an op to its
+reference for a reason, one warning on the "kernels" logger names the op, the input's shape and why.
+An op that has no Triton kernel yet always runs its reference under "auto", and refuses "triton" with
+a message rather than silently measuring the wrong thing.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Callable, Iterator
 
@@ -44,15 +46,34 @@ def backend(name: str) -> Iterator[None]:
         set_backend(previous)
 
 
+_fallbacks_logged: set[tuple[str, str]] = set()
+log = logging.getLogger("kernels")
+
+
+def _log_fallback(op: str, x: torch.Tensor, problem: str) -> None:
+    """Say once per op and reason that `auto` runs the reference on CUDA (not while torch.compile traces:
+    a log call there would break the graph; the trainer runs one eager forward first for that)."""
+    if torch.compiler.is_compiling() or (op, problem) in _fallbacks_logged:
+        return
+    _fallbacks_logged.add((op, problem))
+    log.warning(f"kernels: {op} runs its PyTorch reference for input {tuple(x.shape)} on {x.device}: "
+                f"{problem.removeprefix(op + ': ')}")
+
+
 def select(op: str, x: torch.Tensor, reference: Callable, triton: Callable | None,
-           supported: bool = True) -> Callable:
-    """The implementation of `op` to run on tensor `x` under the current backend. `supported` says
-    whether the Triton kernel handles these inputs (head_dim, dtype, width): "auto" falls back to the
-    reference where it does not, "triton" lets the kernel's launcher refuse them with its message."""
+           problem: str | None = None) -> Callable:
+    """The implementation of `op` to run on tensor `x` under the current backend. `problem` is why the
+    Triton kernel cannot take these inputs (head_dim, dtype, width), or None: "auto" falls back to the
+    reference (saying so once on CUDA), "triton" raises it as a ValueError."""
     if _current == "reference":
         return reference
     if _current == "auto":
-        return triton if (triton is not None and x.is_cuda and supported) else reference
+        if triton is None or not x.is_cuda:
+            return reference
+        if problem is not None:
+            _log_fallback(op, x, problem)
+            return reference
+        return triton
     if triton is None:
         raise NotImplementedError(
             f"{op} has no Triton kernel yet: select backend 'auto' or 'reference'"
@@ -63,4 +84,6 @@ def select(op: str, x: torch.Tensor, reference: Callable, triton: Callable | Non
             "select backend 'auto' or 'reference', or set TRITON_INTERPRET=1 (before importing kernels) to "
             "run them in the Triton interpreter"
         )
+    if problem is not None:
+        raise ValueError(problem)
     return triton

@@ -1,6 +1,6 @@
 """Ahead-of-time compilation of a kernel module's Triton kernels for NVIDIA GPUs, with no GPU present.
 
-    python tests/aot.py kernels.layernorm [kernels.mlp ...]   ->  one JSON object per line
+    python tests/aot.py kernels.layer_norm [kernels.linear_gelu ...]   ->  one JSON object per line
 
 Each kernel module lists, in `aot_specs()`, every configuration its launchers or autotuners may pick:
 dicts with `fn` (the @triton.jit kernel), `signature` (argument name -> Triton type, "constexpr" for

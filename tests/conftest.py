@@ -117,7 +117,7 @@ def aot_table(rows: list[dict]) -> str:
 
 @pytest.fixture(scope="session")
 def aot_compile():
-    """`aot_compile("kernels.layernorm")`: every configuration in the module's `aot_specs()` compiled
+    """`aot_compile("kernels.layer_norm")`: every configuration in the module's `aot_specs()` compiled
     for sm_90 and sm_80 without a GPU (tests/aot.py, in a subprocess), one dict per kernel and arch."""
     done: dict[str, list[dict]] = {}
 

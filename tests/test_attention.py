@@ -325,9 +325,9 @@ def test_torch_compile_fullgraph():
 
 
 @pytest.mark.parametrize("dtypes, message", [
-    ((torch.float64,) * 3, r"takes float16, bfloat16 or float32, got q in torch.float64"),
-    ((torch.float32, torch.float32, torch.int32), r"takes float16, bfloat16 or float32, got v in torch.int32"),
-    ((torch.float32, torch.float16, torch.float16), r"q, k and v must share a dtype"),
+    ((torch.float64,) * 3, r"takes float32, float16 or bfloat16, got q in torch.float64"),
+    ((torch.float32, torch.float32, torch.int32), r"takes float32, float16 or bfloat16, got v in torch.int32"),
+    ((torch.float32, torch.float16, torch.float16), r"takes one dtype, got k in torch.float16 and q in torch.float32"),
 ])
 def test_rejects_dtypes(dtypes, message):
     q, k, v = (torch.zeros(1, 1, 4, 16, dtype=dt, device=DEVICE) for dt in dtypes)
@@ -344,11 +344,12 @@ def test_rejects_head_dims(d):
 
 def test_rejects_mixed_devices_and_oversized_dropout():
     q = torch.zeros(1, 1, 4, 16, device=DEVICE)
-    with pytest.raises(ValueError, match="causal_attention: q, k and v must be on one device"):
+    with pytest.raises(ValueError, match="causal_attention: v is on meta but q is on"):
         kernels.causal_attention(q, q, q.to("meta"))
     big = torch.empty(1, 1, 50000, 16, device="meta")
-    with pytest.raises(ValueError, match=r"dropout in the Triton kernel needs Tq \* Tk < 2\*\*31, got 50000 x 50000"):
-        attention.causal_attention_triton(big, big, big, dropout_p=0.1)
+    assert attention._problem(big, big, big, 0.1).endswith("dropout in the Triton kernel needs Tq * Tk < 2**31, "
+                                                          "got 50000 x 50000")
+    assert attention._problem(big, big, big, 0.0) is None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -362,12 +363,13 @@ def test_aot(aot_compile):
     for r in rows:
         assert r["shared"] <= r["shared_limit"], r
     kinds = {(r["kernel"], r["arch"], r["head_dim"], r["dtype"]) for r in rows}
-    for kernel in ("_attention_fwd_kernel", "_attention_bwd_preprocess_kernel", "_attention_bwd_dkdv_kernel",
-                   "_attention_bwd_dq_kernel"):
+    parts = {(r["kernel"], r["arch"], r["head_dim"], r["dtype"], r.get("part")) for r in rows}
+    for kernel, part in (("_attention_fwd_kernel", None), ("_attention_bwd_preprocess_kernel", None),
+                         ("_attention_bwd_kernel", "dkdv"), ("_attention_bwd_kernel", "dq")):
         for arch in (90, 80):
             for d in HEAD_DIMS:
                 for dtype in ("fp16", "bf16"):
-                    assert (kernel, arch, d, dtype) in kinds
+                    assert (kernel, arch, d, dtype) in kinds and (kernel, arch, d, dtype, part) in parts
     # no register spills anywhere, the presets' head dims (cpu: 32, shakespeare_char: 64) included
     assert not aot.spilling(rows), f"register spills: {aot.spilling(rows)}"
 
@@ -375,8 +377,9 @@ def test_aot(aot_compile):
 def test_auto_backend_falls_back_to_the_reference_outside_the_kernel_limits(monkeypatch):
     """Under "auto" a CUDA model with an unsupported head_dim (384 / 8 heads = 48) runs the reference
     instead of failing; "triton" asked for explicitly still refuses with the launcher's message."""
-    chosen = []
-    monkeypatch.setattr(attention, "select", lambda op, x, ref, tri, supported=True: chosen.append(supported) or ref)
+    problems = []
+    monkeypatch.setattr(attention, "select",
+                        lambda op, x, ref, tri, problem=None: problems.append(problem) or ref)
     q = torch.zeros(1, 1, 4, 48, device=DEVICE)
     attention.causal_attention(q, q, q)
     q = torch.zeros(1, 1, 4, 64, device=DEVICE)
@@ -384,4 +387,5 @@ def test_auto_backend_falls_back_to_the_reference_outside_the_kernel_limits(monk
     attention.causal_attention(q.double(), q.double(), q.double())
     wide = torch.zeros(1, 1, 4, 64, device=DEVICE).expand(attention.MAX_BATCH_HEADS + 1, 1, 4, 64)
     attention.causal_attention(wide, wide, wide)  # more (batch, head) pairs than a grid axis holds
-    assert chosen == [False, True, False, False]
+    assert [p is None for p in problems] == [False, True, False, False]
+    assert "head_dim in 16, 32, 64, 128, got 48" in problems[0] and "batch * heads <= 65535" in problems[3]

@@ -3,6 +3,8 @@ checks, and the backend switch."""
 
 from __future__ import annotations
 
+import importlib
+import logging
 import math
 
 import pytest
@@ -11,9 +13,10 @@ import torch
 import kernels
 from kernels.attention import causal_attention_reference
 from kernels.backend import select
-from kernels.layernorm import layer_norm_reference
-from kernels.mlp import linear_gelu_reference
+from kernels.layer_norm import layer_norm_reference
+from kernels.linear_gelu import linear_gelu_reference
 
+backend_module = importlib.import_module("kernels.backend")  # kernels.backend is the context manager
 OPS = ["layer_norm", "causal_attention", "linear_gelu"]
 
 
@@ -254,6 +257,13 @@ def test_backend_context_restores_the_previous_backend_on_exception():
     assert kernels.get_backend() == "reference"
 
 
+class FakeCuda:
+    """Stands in for a CUDA tensor where select() only asks where it is and its shape."""
+    is_cuda = True
+    shape = (64, 256, 6, 48)
+    device = "cuda:0"
+
+
 def test_select_picks_by_backend_and_device(monkeypatch):
     cpu = torch.zeros(1)
 
@@ -263,17 +273,18 @@ def test_select_picks_by_backend_and_device(monkeypatch):
     def triton():
         pass
 
+    monkeypatch.setattr(backend_module, "_fallbacks_logged", set())
     with kernels.backend("auto"):
         assert select("op", cpu, reference, triton) is reference  # no CUDA tensor: the reference
+        assert select("op", cpu, reference, triton, "op: too wide") is reference
         assert select("op", cpu, reference, None) is reference
-        if torch.cuda.is_available():
-            gpu = cpu.cuda()
-            assert select("op", gpu, reference, triton) is triton
-            assert select("op", gpu, reference, triton, supported=False) is reference  # e.g. head_dim 48
+        assert select("op", FakeCuda(), reference, triton) is triton
+        assert select("op", FakeCuda(), reference, triton, "op: head_dim 48") is reference
     with kernels.backend("triton"):
         monkeypatch.setenv("TRITON_INTERPRET", "1")
         assert select("op", cpu, reference, triton) is triton  # the interpreter on the CPU
-        assert select("op", cpu, reference, triton, supported=False) is triton  # its launcher refuses
+        with pytest.raises(ValueError, match="^op: head_dim 48$"):  # the launcher's own message
+            select("op", cpu, reference, triton, "op: head_dim 48")
         with pytest.raises(NotImplementedError, match="op has no Triton kernel yet"):
             select("op", cpu, reference, None)
         monkeypatch.delenv("TRITON_INTERPRET")
@@ -281,6 +292,22 @@ def test_select_picks_by_backend_and_device(monkeypatch):
             select("op", cpu, reference, triton)
     with kernels.backend("reference"):
         assert select("op", cpu, reference, triton) is reference
+
+
+def test_a_fallback_on_cuda_is_said_once_per_op_and_reason(monkeypatch, caplog):
+    monkeypatch.setattr(backend_module, "_fallbacks_logged", set())
+    with kernels.backend("auto"), caplog.at_level(logging.WARNING, logger="kernels"):
+        for _ in range(3):
+            select("causal_attention", FakeCuda(), None, lambda: None,
+                   "causal_attention: the Triton kernel supports head_dim in 16, 32, 64, 128, got 48")
+        select("causal_attention", FakeCuda(), None, lambda: None, "causal_attention: another reason")
+        select("layer_norm", FakeCuda(), None, lambda: None, "layer_norm: N <= 4096")
+        select("layer_norm", torch.zeros(1), None, lambda: None, "layer_norm: N <= 4096")  # the CPU: no news
+    assert [r.getMessage() for r in caplog.records] == [
+        "kernels: causal_attention runs its PyTorch reference for input (64, 256, 6, 48) on cuda:0: the Triton "
+        "kernel supports head_dim in 16, 32, 64, 128, got 48",
+        "kernels: causal_attention runs its PyTorch reference for input (64, 256, 6, 48) on cuda:0: another reason",
+        "kernels: layer_norm runs its PyTorch reference for input (64, 256, 6, 48) on cuda:0: N <= 4096"]
 
 
 @pytest.mark.parametrize("name", ["auto", "reference"])

@@ -4,13 +4,15 @@ registration (opcheck, torch.compile fullgraph) and ahead-of-time compilation fo
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
 import aot
 import kernels
 from conftest import DEVICE, KERNEL_DTYPES as DTYPES
-from kernels.layernorm import (MAX_N, _add_layer_norm_fwd, _layer_norm_bwd, _layer_norm_fwd, _tile,
+from kernels.layer_norm import (MAX_N, _add_layer_norm_fwd, _layer_norm_bwd, _layer_norm_fwd, _tile,
                                add_layer_norm_reference, layer_norm_reference)
 
 SHAPES = [(1, 1, 7), (3, 7, 384), (2, 129, 1000), (4, 65, 768)]
@@ -157,7 +159,7 @@ def test_compiles_fullgraph_through_the_custom_ops():
 
 
 def test_aot_compiles_every_configuration_for_sm90_and_sm80(aot_compile):
-    rows = aot_compile("kernels.layernorm")
+    rows = aot_compile("kernels.layer_norm")
     errors = [r for r in rows if "error" in r]
     assert not errors, errors[:3]
     # every row tile the launcher picks for a width from 64 to MAX_N is among them, forward and backward
@@ -173,11 +175,11 @@ def test_aot_compiles_every_configuration_for_sm90_and_sm80(aot_compile):
 
 
 def test_auto_backend_falls_back_to_the_reference_outside_the_kernel_limits(monkeypatch):
-    from kernels import layernorm
-
-    chosen = []
-    monkeypatch.setattr(layernorm, "select", lambda op, x, ref, tri, supported=True: chosen.append(supported) or ref)
+    module = importlib.import_module("kernels.layer_norm")
+    problems = []
+    monkeypatch.setattr(module, "select", lambda op, x, ref, tri, problem=None: problems.append(problem) or ref)
     kernels.layer_norm(torch.zeros(2, MAX_N + 1), torch.ones(MAX_N + 1))
     kernels.layer_norm(torch.zeros(2, 8), torch.ones(8))
     kernels.add_layer_norm(torch.zeros(2, 8).double(), torch.zeros(2, 8).double(), torch.ones(8).double())
-    assert chosen == [False, True, False]
+    assert [p and p.split(":")[0] for p in problems] == ["layer_norm", None, "add_layer_norm"]
+    assert f"N <= {MAX_N}" in problems[0] and "got x in torch.float64" in problems[2]

@@ -1,4 +1,4 @@
-"""LayerNorm and the fused residual add + LayerNorm: `pytest bench/test_layernorm.py`.
+"""LayerNorm and the fused residual add + LayerNorm: `pytest bench/test_layer_norm.py`.
 
 Forward, backward and forward+backward of the Triton kernel vs the PyTorch reference (eager) vs the reference
 under torch.compile, at the GPT's rows (64*256, 384) and at (16384, 1024), bf16 and fp32. extra_info carries
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from bench.common import CUDA, DEVICE, environment, needs_gpu, run_benchmark
-from kernels.layernorm import (add_layer_norm_reference, add_layer_norm_triton, layer_norm_reference,
+from kernels.layer_norm import (add_layer_norm_reference, add_layer_norm_triton, layer_norm_reference,
                                layer_norm_triton)
 
 IMPLS = {
@@ -53,7 +53,7 @@ def implementation(op: str, impl: str):
 
 
 @pytest.mark.parametrize("op, impl, rows, dtype, passes", CASES)
-def test_layernorm(benchmark, op, impl, rows, dtype, passes):
+def test_layer_norm(benchmark, op, impl, rows, dtype, passes):
     g = torch.Generator(device=DEVICE).manual_seed(0)
     m, n = rows
     x = torch.randn(rows, generator=g, device=DEVICE, dtype=dtype, requires_grad=True)

@@ -1,4 +1,4 @@
-"""linear + GELU (the MLP's first half): `pytest bench/test_mlp.py`.
+"""linear + GELU (the MLP's first half): `pytest bench/test_linear_gelu.py`.
 
 Forward, backward and forward+backward of the Triton kernel (matmul with the bias and GELU in its epilogue) vs
 the PyTorch reference (cuBLAS matmul, then GELU) vs the reference under torch.compile (cuBLAS plus a fused
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from bench.common import CUDA, DEVICE, environment, needs_gpu, run_benchmark
-from kernels.mlp import linear_gelu_reference, linear_gelu_triton
+from kernels.linear_gelu import linear_gelu_reference, linear_gelu_triton
 
 _compiled: list = []
 

@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from kernels.backend import select
+from kernels.core import aot_spec, autocast_dtype, tensor_problem
 
 MAX_N = 4096
 
@@ -146,9 +147,6 @@ def _layer_norm_bwd_kernel(
 # ---------------------------------------------------------------------------------------------------
 # launchers
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
 def _tile(n: int, backward: bool) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) for rows of n elements. Narrow rows (n_embd 128..512) are taken
     several to a program so every thread has work: about 4096 elements per program in the forward, 2048
@@ -179,28 +177,15 @@ def _rows(t: torch.Tensor | None, n: int) -> torch.Tensor | None:
     return t if t.stride(1) == 1 or n == 1 else t.contiguous()
 
 
-def _problem(name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+def _problem(op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
              residual: torch.Tensor | None) -> str | None:
-    """Why the kernels cannot take these inputs, in one line, or None when they can."""
-    for label, t in (("x", x), ("weight", weight), ("bias", bias), ("residual", residual)):
-        if t is None:
-            continue
-        if t.dtype not in _DTYPES:
-            return (f"{name}: the Triton kernel takes float32, float16 or bfloat16, got {label} in {t.dtype}; "
-                    "use kernels.set_backend('reference') for other dtypes")
-        if t.device != x.device:
-            return f"{name}: {label} is on {t.device} but x is on {x.device}; move them together"
-    if x.size(-1) > MAX_N:
-        return (f"{name}: the Triton kernel holds a row in registers, so N <= {MAX_N}; got N = {x.size(-1)}: "
-                "use kernels.set_backend('reference')")
-    return None
-
-
-def _check(name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-           residual: torch.Tensor | None) -> None:
-    problem = _problem(name, x, weight, bias, residual)
-    if problem:
-        raise ValueError(problem)
+    """Why the kernels cannot take these inputs, in one line, or None when they can (`auto` and the
+    launchers' check, kernels/backend.py)."""
+    problem = tensor_problem(op, {"x": x, "weight": weight, "bias": bias, "residual": residual})
+    if problem is None and x.size(-1) > MAX_N:
+        problem = (f"{op}: the Triton kernel holds a row in registers, so N <= {MAX_N}; got N = {x.size(-1)}: "
+                   "use kernels.set_backend('reference')")
+    return problem
 
 
 def _forward(x, residual, weight, bias, eps, out_dtype):
@@ -266,36 +251,18 @@ def aot_specs():
                     tags = {"n_embd": n, "dtype": tag, "residual": residual, "bias": has_bias}
                     # without a residual the launchers pass x for R, y for H and dy for DH (unused)
                     r, h, dh = (t["r"], t["x"], t["x"]) if residual else (t["x"], t["y"], t["y"])
-                    block_m, block_n, num_warps = _tile(n, backward=False)
-                    yield {
-                        "fn": _layer_norm_fwd_kernel,
-                        "signature": {"X": f"*{t['x']}", "R": f"*{r}", "H": f"*{h}",
-                                      "Y": f"*{t['y']}", "W": f"*{t['w']}", "B": f"*{t['w']}",
-                                      "Mean": "*fp32", "Rstd": "*fp32", "stride_xm": "i32",
-                                      "stride_rm": "i32", "stride_hm": "i32", "stride_ym": "i32",
-                                      "M": "i32", "N": "i32", "eps": "fp32", "BLOCK_M": "constexpr",
-                                      "BLOCK_N": "constexpr", "HAS_BIAS": "constexpr",
-                                      "HAS_RESIDUAL": "constexpr"},
-                        "constexprs": {"BLOCK_M": block_m, "BLOCK_N": block_n, "HAS_BIAS": has_bias,
-                                       "HAS_RESIDUAL": residual},
-                        "divisible": ["stride_xm", "stride_rm", "stride_hm", "stride_ym", "N"],
-                        "num_warps": num_warps, "num_stages": 1, "tags": tags,
-                    }
-                    block_m, block_n, num_warps = _tile(n, backward=True)
-                    yield {
-                        "fn": _layer_norm_bwd_kernel,
-                        "signature": {"DY": f"*{t['y']}", "X": f"*{t['x']}", "W": f"*{t['w']}",
-                                      "Mean": "*fp32", "Rstd": "*fp32", "DH": f"*{dh}",
-                                      "DX": f"*{t['x']}", "DW_PARTIAL": "*fp32", "DB_PARTIAL": "*fp32",
-                                      "stride_dym": "i32", "stride_xm": "i32", "stride_dhm": "i32",
-                                      "stride_dxm": "i32", "M": "i32", "N": "i32",
-                                      "ROWS_PER_PROGRAM": "i32", "BLOCK_M": "constexpr",
-                                      "BLOCK_N": "constexpr", "HAS_BIAS": "constexpr", "HAS_DH": "constexpr"},
-                        "constexprs": {"BLOCK_M": block_m, "BLOCK_N": block_n, "HAS_BIAS": has_bias,
-                                       "HAS_DH": residual},
-                        "divisible": ["stride_dym", "stride_xm", "stride_dhm", "stride_dxm", "N"],
-                        "num_warps": num_warps, "num_stages": 1, "tags": tags,
-                    }
+                    fwd = {"X": f"*{t['x']}", "R": f"*{r}", "H": f"*{h}", "Y": f"*{t['y']}", "W": f"*{t['w']}",
+                           "B": f"*{t['w']}"}
+                    bwd = {"DY": f"*{t['y']}", "X": f"*{t['x']}", "W": f"*{t['w']}", "DH": f"*{dh}",
+                           "DX": f"*{t['x']}"}
+                    for fn, backward, io, flag in ((_layer_norm_fwd_kernel, False, fwd, "HAS_RESIDUAL"),
+                                                   (_layer_norm_bwd_kernel, True, bwd, "HAS_DH")):
+                        block_m, block_n, num_warps = _tile(n, backward)
+                        constexprs = {"BLOCK_M": block_m, "BLOCK_N": block_n, "HAS_BIAS": has_bias, flag: residual}
+                        divisible = [name for name in fn.arg_names if name.startswith("stride_")] + ["N"]
+                        yield aot_spec(fn, {**io, "Mean": "*fp32", "Rstd": "*fp32", "DW_PARTIAL": "*fp32",
+                                            "DB_PARTIAL": "*fp32", "eps": "fp32"}, constexprs, num_warps, 1, tags,
+                                       divisible)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -353,7 +320,7 @@ def _setup_layer_norm(ctx, inputs, output):
     ctx.mark_non_differentiable(mean, rstd)  # saved for the backward, never returned to users
 
 
-def _layer_norm_backward(ctx, dy, dmean, drstd):
+def _grad_layer_norm(ctx, dy, dmean, drstd):
     x, weight, mean, rstd = ctx.saved_tensors
     dx, dweight, dbias = _layer_norm_bwd(dy, x, weight, ctx.has_bias, mean, rstd, None)
     return dx, dweight, dbias if ctx.has_bias else None, None, None
@@ -371,7 +338,7 @@ def _setup_add_layer_norm(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _add_layer_norm_backward(ctx, dh, dy, dmean, drstd):
+def _grad_add_layer_norm(ctx, dh, dy, dmean, drstd):
     h, weight, mean, rstd = ctx.saved_tensors
     x_dtype, residual_dtype, y_dtype = ctx.dtypes
     if dy is None:  # only h was used
@@ -380,19 +347,16 @@ def _add_layer_norm_backward(ctx, dh, dy, dmean, drstd):
     return dx.to(x_dtype), dx.to(residual_dtype), dweight, dbias if ctx.has_bias else None, None, None
 
 
-_layer_norm_fwd.register_autograd(_layer_norm_backward, setup_context=_setup_layer_norm)
-_add_layer_norm_fwd.register_autograd(_add_layer_norm_backward, setup_context=_setup_add_layer_norm)
+_layer_norm_fwd.register_autograd(_grad_layer_norm, setup_context=_setup_layer_norm)
+_add_layer_norm_fwd.register_autograd(_grad_add_layer_norm, setup_context=_setup_add_layer_norm)
 
 
 def _out_dtype(x: torch.Tensor) -> torch.dtype:
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
+    return autocast_dtype(x) or x.dtype
 
 
 def layer_norm_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                       eps: float = 1e-5) -> torch.Tensor:
-    _check("layer_norm", x, weight, bias, None)
     n = x.size(-1)
     y, _, _ = _layer_norm_fwd(_rows(x, n), weight, bias, eps, _out_dtype(x))
     return y.view(x.shape)
@@ -401,7 +365,6 @@ def layer_norm_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 def add_layer_norm_triton(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                           bias: torch.Tensor | None = None, eps: float = 1e-5
                           ) -> tuple[torch.Tensor, torch.Tensor]:
-    _check("add_layer_norm", x, weight, bias, residual)
     n = x.size(-1)
     h, y, _, _ = _add_layer_norm_fwd(_rows(x, n), _rows(residual, n), weight, bias, eps, _out_dtype(x))
     return h.view(x.shape), y.view(x.shape)
@@ -424,8 +387,8 @@ def layer_norm(
 ) -> torch.Tensor:
     """LayerNorm of `x` (..., N) with `weight` (N,) and optional `bias` (N,)."""
     _check_params("layer_norm", x.size(-1), weight, bias)
-    supported = _problem("layer_norm", x, weight, bias, None) is None
-    return select("layer_norm", x, layer_norm_reference, layer_norm_triton, supported)(x, weight, bias, eps)
+    problem = _problem("layer_norm", x, weight, bias, None)
+    return select("layer_norm", x, layer_norm_reference, layer_norm_triton, problem)(x, weight, bias, eps)
 
 
 def add_layer_norm(
@@ -437,6 +400,6 @@ def add_layer_norm(
         raise ValueError(f"add_layer_norm: residual {tuple(residual.shape)} must have the shape of x "
                          f"{tuple(x.shape)}")
     _check_params("add_layer_norm", x.size(-1), weight, bias)
-    supported = _problem("add_layer_norm", x, weight, bias, residual) is None
-    return select("layer_norm", x, add_layer_norm_reference, add_layer_norm_triton, supported)(
+    problem = _problem("add_layer_norm", x, weight, bias, residual)
+    return select("add_layer_norm", x, add_layer_norm_reference, add_layer_norm_triton, problem)(
         x, residual, weight, bias, eps)

@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from kernels.backend import select
+from kernels.core import aot_spec, autocast_dtype, tensor_problem
 from kernels.tuning import Tuner, kernel_source
 
 
@@ -122,14 +123,12 @@ def _linear_gelu_bwd_kernel(
 # ---------------------------------------------------------------------------------------------------
 # launchers
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): the tuner's candidates on a GPU, chosen per problem
 # (kernels/tuning.py). Wide tiles for the training shapes (M = B*T in the tens of thousands, N = 4*n_embd),
 # narrow ones for the small M of generation. fp32 tiles hold twice the bytes per element, so they take a
 # shorter K step and fewer stages to stay within shared memory (163 KiB on an A100). Every candidate
-# compiles without register spills for sm_80 and sm_90 (tests/test_mlp.py). The first of each list is
+# compiles without register spills for sm_80 and sm_90 (tests/test_linear_gelu.py). The first of each list is
 # the fallback for a problem met untuned inside a CUDA-graph capture.
 _CONFIGS_16BIT = (
     (128, 128, 64, 8, 4),
@@ -185,7 +184,7 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return y, z
 
 
-def _gelu_backward(dy: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+def _backward(dy: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     dy = dy.contiguous()
     dz = torch.empty_like(z)
     if z.numel():
@@ -195,27 +194,11 @@ def _gelu_backward(dy: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 
 
 def _problem(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> str | None:
-    """Why the kernel cannot take these inputs, in one line, or None when it can. Under autocast the
-    dtypes do not matter: `linear_gelu_triton` casts all three to the autocast dtype."""
-    cast = torch.is_autocast_enabled(x.device.type)
-    for label, t in (("weight", weight), ("bias", bias)):
-        if t is None:
-            continue
-        if t.device != x.device:
-            return f"linear_gelu: {label} is on {t.device} but x is on {x.device}; move them together"
-        if t.dtype != x.dtype and not cast:
-            return (f"linear_gelu: {label} is {t.dtype} but x is {x.dtype}: the Triton kernel takes one dtype "
-                    "(or run under torch.autocast, which casts them)")
-    if x.dtype not in _DTYPES and not cast:
-        return (f"linear_gelu: the Triton kernel takes float32, float16 or bfloat16, got {x.dtype}; "
-                "use kernels.set_backend('reference') for other dtypes")
-    return None
-
-
-def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-    problem = _problem(x, weight, bias)
-    if problem:
-        raise ValueError(problem)
+    """Why the kernel cannot take these inputs, in one line, or None when it can (`auto` and the
+    launchers' check, kernels/backend.py). Under autocast the dtypes do not matter: `linear_gelu_triton`
+    casts all three to the autocast dtype."""
+    return tensor_problem("linear_gelu", {"x": x, "weight": weight, "bias": bias}, one_dtype=True,
+                          any_dtype=autocast_dtype(x) is not None)
 
 
 def aot_specs():
@@ -224,33 +207,20 @@ def aot_specs():
     compiled code (M, N and K are runtime arguments), so one compilation covers n_embd 128..4096; the JIT
     specialises unit strides (contiguous rows) and sizes and strides that are multiples of 16, as they
     are for every n_embd in that range."""
-    divisible = ["M", "N", "K", "stride_xm", "stride_wn", "stride_ym", "stride_zm"]
     variants = [("bf16", "tf32", _CONFIGS_16BIT, (False, True)), ("fp32", "tf32", _CONFIGS_FP32, (False, True)),
                 ("fp32", "ieee", _CONFIGS_FP32, (False,))]
     for dtype, precision, configs, biases in variants:
+        types = {name: f"*{dtype}" for name in ("X", "W", "B", "Y", "Z")}
         for bm, bn, bk, w, s in configs:
             for has_bias in biases:
-                yield {
-                    "fn": _linear_gelu_fwd_kernel,
-                    "signature": {"X": f"*{dtype}", "W": f"*{dtype}", "B": f"*{dtype}", "Y": f"*{dtype}",
-                                  "Z": f"*{dtype}", "M": "i32", "N": "i32", "K": "i32",
-                                  "stride_xm": "i32", "stride_xk": "constexpr", "stride_wn": "i32",
-                                  "stride_wk": "constexpr", "stride_ym": "i32", "stride_zm": "i32",
-                                  "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
-                                  "GROUP_M": "constexpr", "HAS_BIAS": "constexpr", "INPUT_PRECISION": "constexpr"},
-                    "constexprs": {"stride_xk": 1, "stride_wk": 1, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
-                                   "GROUP_M": _GROUP_M, "HAS_BIAS": has_bias, "INPUT_PRECISION": precision},
-                    "divisible": divisible, "num_warps": w, "num_stages": s,
-                    "tags": {"dtype": dtype, "bias": has_bias, "precision": precision},
-                }
+                constexprs = {"stride_xk": 1, "stride_wk": 1, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
+                              "GROUP_M": _GROUP_M, "HAS_BIAS": has_bias, "INPUT_PRECISION": precision}
+                divisible = ["M", "N", "K", "stride_xm", "stride_wn", "stride_ym", "stride_zm"]
+                yield aot_spec(_linear_gelu_fwd_kernel, types, constexprs, w, s,
+                               {"dtype": dtype, "bias": has_bias, "precision": precision}, divisible)
     for dtype in ("bf16", "fp32"):
-        yield {
-            "fn": _linear_gelu_bwd_kernel,
-            "signature": {"DY": f"*{dtype}", "Z": f"*{dtype}", "DZ": f"*{dtype}", "numel": "i32",
-                          "BLOCK": "constexpr"},
-            "constexprs": {"BLOCK": _BWD_BLOCK}, "divisible": ["numel"], "num_warps": _BWD_WARPS,
-            "num_stages": 1, "tags": {"dtype": dtype},
-        }
+        yield aot_spec(_linear_gelu_bwd_kernel, {name: f"*{dtype}" for name in ("DY", "Z", "DZ")},
+                       {"BLOCK": _BWD_BLOCK}, _BWD_WARPS, 1, {"dtype": dtype}, ["numel"])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -269,17 +239,17 @@ def _(x, weight, bias):
     return x.new_empty(shape), x.new_empty(shape)
 
 
-@torch.library.custom_op("fastgpt::gelu_bwd", mutates_args=())
-def _gelu_bwd(dy: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    return _gelu_backward(dy, z)
+@torch.library.custom_op("fastgpt::linear_gelu_bwd", mutates_args=())
+def _linear_gelu_bwd(dy: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    return _backward(dy, z)
 
 
-@_gelu_bwd.register_fake
+@_linear_gelu_bwd.register_fake
 def _(dy, z):
     return torch.empty_like(z)
 
 
-def _setup(ctx, inputs, output):
+def _setup_linear_gelu(ctx, inputs, output):
     x, weight, bias = inputs
     ctx.save_for_backward(x, weight, output[1])
     ctx.has_bias = bias is not None
@@ -288,27 +258,26 @@ def _setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, dy, dz_out):
+def _grad_linear_gelu(ctx, dy, dz_out):
     x, weight, z = ctx.saved_tensors
     if dy is None:  # y unused: nothing flows back
         return None, None, None
-    dz = _gelu_bwd(dy, z)  # (M, N)
+    dz = _linear_gelu_bwd(dy, z)  # (M, N)
     dx = dz @ weight  # (M, K)
     dweight = dz.t() @ x  # (N, K)
     dbias = dz.sum(0) if ctx.has_bias else None
     return dx, dweight, dbias
 
 
-_linear_gelu_fwd.register_autograd(_backward, setup_context=_setup)
+_linear_gelu_fwd.register_autograd(_grad_linear_gelu, setup_context=_setup_linear_gelu)
 
 
 def linear_gelu_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
                        ) -> torch.Tensor:
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
+    dtype = autocast_dtype(x)
+    if dtype is not None:
         x, weight = x.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
-    _check(x, weight, bias)
     y, _ = _linear_gelu_fwd(x.reshape(-1, x.size(-1)), weight, bias)
     return y.view(*x.shape[:-1], weight.size(0))
 
@@ -330,5 +299,5 @@ def linear_gelu(
         raise ValueError(
             f"linear_gelu: bias must have shape ({weight.size(0)},), got {tuple(bias.shape)}"
         )
-    supported = _problem(x, weight, bias) is None
-    return select("linear_gelu", x, linear_gelu_reference, linear_gelu_triton, supported)(x, weight, bias)
+    return select("linear_gelu", x, linear_gelu_reference, linear_gelu_triton, _problem(x, weight, bias))(
+        x, weight, bias)

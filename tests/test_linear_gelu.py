@@ -4,13 +4,15 @@ the reference in fp64, strides, autocast, determinism, saved activations, the cu
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
 import aot
 import kernels
 from conftest import DEVICE, KERNEL_DTYPES as DTYPES
-from kernels.mlp import _gelu_bwd, _linear_gelu_fwd, linear_gelu_reference
+from kernels.linear_gelu import _linear_gelu_bwd, _linear_gelu_fwd, linear_gelu_reference
 
 # (x shape, N): the row shapes, N = 4 * K as in the GPT's MLP where that stays small enough for
 # the interpreter, and ragged tile edges in every dimension
@@ -104,7 +106,7 @@ def test_no_rows():
 
 @pytest.mark.parametrize("bad, message", [
     (lambda x, w: (x.double(), w.double()), "the Triton kernel takes float32, float16 or bfloat16"),
-    (lambda x, w: (x, w.half()), "weight is torch.float16 but x is torch.float32"),
+    (lambda x, w: (x, w.half()), "takes one dtype, got weight in torch.float16 and x in torch.float32"),
     (lambda x, w: (x, w.to("meta")), "weight is on meta but x is on"),
 ])
 def test_launcher_rejects_bad_inputs_with_a_message(bad, message):
@@ -117,7 +119,7 @@ def test_opcheck():
     x, w, b, dy = make((10, 24), 40, torch.float32, True)
     torch.library.opcheck(_linear_gelu_fwd, (x.requires_grad_(), w.requires_grad_(), b.requires_grad_()))
     torch.library.opcheck(_linear_gelu_fwd, (x.detach(), w.detach(), None))
-    torch.library.opcheck(_gelu_bwd, (dy, torch.randn(10, 40)))
+    torch.library.opcheck(_linear_gelu_bwd, (dy, torch.randn(10, 40)))
 
 
 def test_compiles_fullgraph_through_the_custom_ops():
@@ -133,7 +135,7 @@ def test_compiles_fullgraph_through_the_custom_ops():
 
 
 def test_aot_compiles_every_configuration_for_sm90_and_sm80(aot_compile):
-    rows = aot_compile("kernels.mlp")
+    rows = aot_compile("kernels.linear_gelu")
     errors = [r for r in rows if "error" in r]
     assert not errors, errors[:3]
     for dtype in ("fp32", "bf16"):
@@ -145,14 +147,14 @@ def test_aot_compiles_every_configuration_for_sm90_and_sm80(aot_compile):
 
 
 def test_auto_backend_falls_back_to_the_reference_outside_the_kernel_limits(monkeypatch):
-    from kernels import mlp
-
-    chosen = []
-    monkeypatch.setattr(mlp, "select",
-                        lambda op, x, ref, tri, supported=True: chosen.append(supported) or (lambda *args: None))
+    module = importlib.import_module("kernels.linear_gelu")
+    problems = []
+    monkeypatch.setattr(module, "select",
+                        lambda op, x, ref, tri, problem=None: problems.append(problem) or (lambda *args: None))
     x, w = torch.zeros(2, 8), torch.zeros(4, 8)
     kernels.linear_gelu(x, w)
     kernels.linear_gelu(x, w.double())  # mixed dtypes without autocast
     with torch.autocast(DEVICE.type, dtype=torch.float16):
         kernels.linear_gelu(x, w.double())  # autocast casts both
-    assert chosen == [True, False, True]
+    assert problems[0] is None and problems[2] is None
+    assert "takes float32, float16 or bfloat16, got weight in torch.float64" in problems[1]
