@@ -7,6 +7,7 @@ recipe elsewhere. `--help` lists every flag with its default. Under torchrun it 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import json
@@ -14,6 +15,7 @@ import math
 import signal
 import sys
 import time
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -21,11 +23,11 @@ import torch
 
 import kernels
 from fastgpt import distributed
-from fastgpt.checkpoint import load_checkpoint, load_weights, require, save_checkpoint
+from fastgpt.checkpoint import load_checkpoint, load_weights, out_dir_lock, require, save_checkpoint
 from fastgpt.config import ARCHITECTURE_FIELDS, TrainConfig, UserError, make_log, parse_train_args, run_main
-from fastgpt.data import Batches, default_prompt, load_corpus
+from fastgpt.data import Batches, Corpus, default_prompt, load_corpus
 from fastgpt.distributed import World
-from fastgpt.model import build_model
+from fastgpt.model import GPTConfig, build_model
 from fastgpt.sample import complete
 
 # dense bf16 tensor-core peaks in FLOP/s, matched in this order against torch.cuda.get_device_name() (the
@@ -162,6 +164,10 @@ class StopRequest:
                  f"(signal again to abort without saving)")
 
 
+# ---------------------------------------------------------------------------------------------------
+# the run: setup, compile, loop, summary
+
+
 def main(argv: list[str]) -> int:
     cfg, given = parse_train_args(argv, torch.cuda.is_available())
     ckpt = None
@@ -172,14 +178,16 @@ def main(argv: list[str]) -> int:
         cfg = resume_config(cfg, given, ckpt)
     world = distributed.init(cfg.device)
     try:
-        # checked after joining the job: rank 0 writes ckpt.pt only after a collective that every
-        # process reaches after this check, so no process can mistake rank 0's new file for an old run
-        if ckpt is None and ckpt_path.exists() and not cfg.overwrite:
-            raise UserError(f"{ckpt_path} holds an earlier run: continue it with --resume, train into "
-                            f"another --out_dir, or pass --overwrite to replace it")
-        code = train(cfg, given, ckpt, world)
-        world.barrier()  # every process is done before any of them tears the process group down
-        return code
+        # one run owns its out_dir: rank 0 holds the lock (released by the OS however the process ends)
+        with out_dir_lock(Path(cfg.out_dir)) if world.master else nullcontext():
+            # checked after joining the job: rank 0 writes ckpt.pt only after a collective that every
+            # process reaches after this check, so no process can mistake rank 0's new file for an old run
+            if ckpt is None and ckpt_path.exists() and not cfg.overwrite:
+                raise UserError(f"{ckpt_path} holds an earlier run: continue it with --resume, train into "
+                                f"another --out_dir, or pass --overwrite to replace it")
+            code = train(cfg, given, ckpt, world)
+            world.barrier()  # every process is done before any of them tears the process group down
+            return code
     except RuntimeError as e:
         if "out of memory" in str(e) or "can't allocate memory" in str(e):
             raise UserError("out of memory: lower --batch_size or --block_size, or train a smaller model "
@@ -190,25 +198,86 @@ def main(argv: list[str]) -> int:
 
 
 def train(cfg: TrainConfig, given: set[str], ckpt: dict | None, world: World) -> int:
-    # -------------------------------------------------------------------------------------------------
-    # configuration
-    log = make_log(world.master)
-    out_dir = Path(cfg.out_dir)
-    ckpt_path = out_dir / "ckpt.pt"
-    if ckpt is not None and ckpt["rng"][0].get("device", "cpu") != world.device.type:
+    """Setup (data, model, optimizer, resume), compilation, the loop, the summary; the exit code."""
+    run = setup(cfg, given, ckpt, world)
+    announce(run)
+    if run.use_compile:
+        run.compile_seconds = compile_graphs(run)
+        run.log(f"compiled in {run.compile_seconds:.1f} s (before the clock starts)")
+    elif run.device.type == "cuda":
+        say_fallbacks(run)
+    with StopRequest(run.log) as stop:
+        loop(run, stop)
+    summarise(run)
+    return 128 + run.stopped if run.stopped is not None else 0
+
+
+@dataclasses.dataclass
+class Run:
+    """One training run's state: its settings, data, model and optimizer, and where the loop stands."""
+    cfg: TrainConfig
+    world: World
+    log: Callable[..., None]
+    out_dir: Path
+    dtype: str
+    use_compile: bool
+    corpus: Corpus
+    train_batches: Batches
+    val_batches: Batches
+    model_config: GPTConfig
+    raw_model: torch.nn.Module  # the module itself: its state dict is what checkpoints hold
+    core: torch.nn.Module  # raw_model, compiled or not: evaluation runs it
+    model: torch.nn.Module  # core, under DistributedDataParallel with several processes: training runs it
+    optimizer: torch.optim.Optimizer
+    autocast: object
+    init_from: str = ""  # the checkpoint a fine-tuning run started from
+    resumed: bool = False
+    iter_num: int = 0
+    start_iter: int = 0
+    best_val: float = math.inf
+    metrics: object = None  # metrics.jsonl, open on rank 0
+    eval_generator: torch.Generator | None = None
+    nonfinite: torch.Tensor | None = None  # set by a step whose loss or gradient norm is not finite
+    compile_seconds: float = 0.0
+    eval_seconds: float = 0.0  # evaluation time, kept apart from training time
+    clock_start: float = 0.0
+    last_log_iter: int = 0
+    last_log_time: float = 0.0
+    target_iter: int | None = None
+    stopped: signal.Signals | None = None  # the signal that stopped the run early
+
+    @property
+    def device(self) -> torch.device:
+        return self.world.device
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.out_dir / "ckpt.pt"
+
+    @property
+    def tokens_per_iter(self) -> int:  # all processes
+        return self.cfg.gradient_accumulation_steps * self.cfg.batch_size * self.cfg.block_size
+
+
+def check_resumable(ckpt: dict, world: World, ckpt_path: Path) -> None:
+    if ckpt["rng"][0].get("device", "cpu") != world.device.type:
         raise UserError(f"{ckpt_path} was written on {ckpt['rng'][0].get('device')} and this run is on "
                         f"{world.device.type}: resume on the same kind of device (--device)")
-    if ckpt is not None and len(ckpt["rng"]) != world.size:
+    if len(ckpt["rng"]) != world.size:
         raise UserError(f"{ckpt_path} was written by {len(ckpt['rng'])} process(es) but this run has "
                         f"{world.size}: resume with torchrun --nproc-per-node={len(ckpt['rng'])} "
                         f"(or without torchrun for 1)")
+
+
+def setup(cfg: TrainConfig, given: set[str], ckpt: dict | None, world: World) -> Run:
+    """Configuration, data, model and optimizer, restored from `ckpt` when resuming."""
+    out_dir = Path(cfg.out_dir)
+    if ckpt is not None:
+        check_resumable(ckpt, world, out_dir / "ckpt.pt")
     if cfg.gradient_accumulation_steps % world.size:
         raise UserError(f"--gradient_accumulation_steps={cfg.gradient_accumulation_steps} is the global "
                         f"number of micro-batches and must be a multiple of the {world.size} processes")
-    micro_steps = cfg.gradient_accumulation_steps // world.size
     device = world.device
-    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
-    use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
     kernels.set_backend("reference" if cfg.reference else "auto")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -225,242 +294,283 @@ def train(cfg: TrainConfig, given: set[str], ckpt: dict | None, world: World) ->
                        ("model", "model_config", "vocab"))
         cfg = adopt_architecture(cfg, given, init["model_config"], cfg.init_from)
 
-    # -------------------------------------------------------------------------------------------------
-    # data and model
     start = ckpt or init
     corpus = load_corpus(cfg.data_file, cfg.data_dir, vocab=start["vocab"] if start else None,
                          extend_vocab=cfg.extend_vocab and ckpt is None,
                          expected_sha256=ckpt["corpus_sha256"] if ckpt else None)
-    train_batches = Batches(corpus.train, cfg.block_size, cfg.batch_size, device,
-                            world.seed(cfg.seed, 0), "train")
+    train_batches = Batches(corpus.train, cfg.block_size, cfg.batch_size, device, world.seed(cfg.seed, 0), "train")
     # the val split is only evaluated: its batches come from eval_generator, not its own generator
     val_batches = Batches(corpus.val, cfg.block_size, cfg.batch_size, device, world.seed(cfg.seed, 0), "val")
-    eval_generator = torch.Generator(device=device)
     model_config = cfg.model_config(corpus.tokenizer.vocab_size)
     torch.manual_seed(cfg.seed)  # the same initial weights in every process
     raw_model = build_model(model_config).to(device)
     if init is not None:
         load_weights(raw_model, init["model"], cfg.init_from)
     torch.manual_seed(world.seed(cfg.seed, 2))  # dropout: a stream of its own in each process
-    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate,
-                                               (cfg.beta1, cfg.beta2), device.type)
-    iter_num, best_val = 0, float("inf")
-    if ckpt is not None:
-        raw_model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        iter_num, best_val = ckpt["iter_num"], ckpt["best_val_loss"]
-        rng = ckpt["rng"][world.rank]
-        torch.set_rng_state(rng["torch"])
-        if device.type == "cuda" and rng["cuda"] is not None:
-            torch.cuda.set_rng_state(rng["cuda"], device)
-        train_batches.generator.set_state(rng["batches"])
+    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+                                               device.type)
+    use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
     core = torch.compile(raw_model, mode=cfg.compile_mode) if use_compile else raw_model
-    model = core
-    if world.size > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            core, device_ids=[device.index] if device.type == "cuda" else None)
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext())
-    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size  # all processes
-    flops_per_iter = raw_model.flops_per_token() * tokens_per_iter
-    peak = peak_flops(device, dtype)
-    peak = peak * world.size if peak else None  # every process' GPU
-    log(f"fastgpt: {cfg.model} model, {raw_model.get_num_params() / 1e6:.2f}M parameters, "
-        f"{corpus.tokenizer.vocab_size} characters, {len(corpus.train):,} train / {len(corpus.val):,} val "
-        f"tokens from {corpus.source}" + (f", weights from {cfg.init_from}" if init is not None else ""))
-    log(f"device {device}{f' x {world.size} processes' if world.size > 1 else ''}, {dtype}, compile "
-        f"{'on' if use_compile else 'off'}, kernels {'reference' if cfg.reference else 'auto'}, "
-        f"{tokens_per_iter:,} tokens/iter" + (f", resuming at iter {iter_num}" if ckpt is not None else ""))
+    model = core if world.size == 1 else torch.nn.parallel.DistributedDataParallel(
+        core, device_ids=[device.index] if device.type == "cuda" else None)
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    run = Run(cfg=cfg, world=world, log=make_log(world.master), out_dir=out_dir, dtype=dtype,
+              use_compile=use_compile, corpus=corpus, train_batches=train_batches, val_batches=val_batches,
+              model_config=model_config, raw_model=raw_model, core=core, model=model, optimizer=optimizer,
+              autocast=torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext(),
+              init_from=cfg.init_from if init is not None else "", eval_generator=torch.Generator(device=device),
+              nonfinite=torch.zeros((), dtype=torch.bool, device=device))
+    if ckpt is not None:
+        restore(run, ckpt)
+    open_metrics(run)
+    return run
 
-    # -------------------------------------------------------------------------------------------------
-    # helpers that close over the run's state
-    metrics_path = out_dir / "metrics.jsonl"
-    metrics = None
-    if world.master:
-        if ckpt is not None and metrics_path.exists():  # drop records of steps the checkpoint did not keep
-            kept = [line for line in metrics_path.read_text().splitlines() if kept_record(line, iter_num)]
-            metrics_path.write_text("".join(line + "\n" for line in kept))
-        elif ckpt is None:
-            metrics_path.write_text("")
-        metrics = metrics_path.open("a")
 
-    def record(**fields) -> None:
-        if metrics is not None:
-            metrics.write(json.dumps(fields) + "\n")
-            metrics.flush()
+def restore(run: Run, ckpt: dict) -> None:
+    """Weights, optimizer, iteration and every RNG state of this process, from a resumable checkpoint."""
+    run.raw_model.load_state_dict(ckpt["model"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.iter_num = run.start_iter = ckpt["iter_num"]
+    run.best_val = ckpt["best_val_loss"]
+    run.resumed = True
+    rng = ckpt["rng"][run.world.rank]
+    torch.set_rng_state(rng["torch"])
+    if run.device.type == "cuda" and rng["cuda"] is not None:
+        torch.cuda.set_rng_state(rng["cuda"], run.device)
+    run.train_batches.generator.set_state(rng["batches"])
 
-    @torch.no_grad()
-    def evaluate() -> dict[str, float]:
-        """Mean loss over eval_iters batches of each split (the same batches at every evaluation),
-        averaged over the processes."""
-        core.eval()
-        losses = torch.zeros(2, device=device)
-        for i, batches in enumerate((train_batches, val_batches)):
-            eval_generator.manual_seed(world.seed(cfg.seed, 1))
-            for _ in range(cfg.eval_iters):
-                x, y = batches.next(eval_generator)
-                with autocast:
-                    _, loss = core(x, y)
-                losses[i] += loss.float() / cfg.eval_iters
-        core.train()
-        train_loss, val_loss = world.mean(losses).tolist()
-        return {"train": train_loss, "val": val_loss}
 
-    def save(full: bool) -> None:
-        """Write best.pt (weights only) or ckpt.pt (everything resume needs: a collective call)."""
-        payload = {"model": raw_model.state_dict(), "model_config": dataclasses.asdict(model_config),
-                   "vocab": corpus.tokenizer.vocab, "corpus_sha256": corpus.sha256,
-                   "iter_num": iter_num, "best_val_loss": best_val}
-        if full:
-            payload |= {
-                "optimizer": optimizer.state_dict(), "train_config": dataclasses.asdict(cfg),
-                "rng": world.gather({
-                    "device": device.type,
-                    "torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                    "batches": train_batches.generator.get_state(),
-                }),
-            }
-        if world.master:
-            save_checkpoint(ckpt_path if full else out_dir / "best.pt", payload)
+def open_metrics(run: Run) -> None:
+    """metrics.jsonl on rank 0: a new run starts it empty; a resumed one drops the records of steps its
+    checkpoint did not keep."""
+    if not run.world.master:
+        return
+    path = run.out_dir / "metrics.jsonl"
+    if run.resumed and path.exists():
+        kept = [line for line in path.read_text().splitlines() if kept_record(line, run.iter_num)]
+        path.write_text("".join(line + "\n" for line in kept))
+    elif not run.resumed:
+        path.write_text("")
+    run.metrics = path.open("a")
 
-    def synchronize() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
 
-    def compile_graphs() -> float:
-        """Compile the training and the evaluation graphs on a throwaway batch before the clock starts,
-        so training times are steady-state times; the run is left exactly as it was (no optimizer step,
-        gradients cleared, RNG states restored, the batch drawn from a generator of its own).
-        Returns the seconds it took."""
-        started = time.perf_counter()
-        rng = torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-        x, y = train_batches.next(torch.Generator(device=device).manual_seed(0))
-        with autocast:
-            _, loss = model(x, y)
-        loss.backward()
-        optimizer.zero_grad(set_to_none=True)
-        core.eval()
-        with torch.no_grad(), autocast:
-            core(x, y)
-        core.train()
+def record(run: Run, **fields) -> None:
+    if run.metrics is not None:
+        run.metrics.write(json.dumps(fields) + "\n")
+        run.metrics.flush()
+
+
+def announce(run: Run) -> None:
+    cfg, corpus, world = run.cfg, run.corpus, run.world
+    run.log(f"fastgpt: {cfg.model} model, {run.raw_model.get_num_params() / 1e6:.2f}M parameters, "
+            f"{corpus.tokenizer.vocab_size} characters, {len(corpus.train):,} train / {len(corpus.val):,} val "
+            f"tokens from {corpus.source}" + (f", weights from {run.init_from}" if run.init_from else ""))
+    run.log(f"device {run.device}{f' x {world.size} processes' if world.size > 1 else ''}, {run.dtype}, compile "
+            f"{'on' if run.use_compile else 'off'}, kernels {'reference' if cfg.reference else 'auto'}, "
+            f"{run.tokens_per_iter:,} tokens/iter" + (f", resuming at iter {run.iter_num}" if run.resumed else ""))
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def throwaway_batch(run: Run) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """A training batch from a generator of its own, for work that must leave the run as it was: torch's
+    and CUDA's RNG states are restored afterwards (dropout draws from them)."""
+    cuda = run.device.type == "cuda"
+    rng = torch.get_rng_state(), torch.cuda.get_rng_state(run.device) if cuda else None
+    try:
+        yield run.train_batches.next(torch.Generator(device=run.device).manual_seed(0))
+    finally:
         torch.set_rng_state(rng[0])
-        if rng[1] is not None:
-            torch.cuda.set_rng_state(rng[1], device)
-        synchronize()
-        return time.perf_counter() - started
+        if cuda:
+            torch.cuda.set_rng_state(rng[1], run.device)
 
-    nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # checked at syncs, not every step
 
-    def check_finite(since: int) -> None:
-        if world.any(nonfinite):
-            if world.master:
-                print(f"fastgpt.train: error: loss or gradient norm became non-finite between iter {since} "
-                      f"and {iter_num}; stopped without saving (last good checkpoint: {ckpt_path}): lower "
-                      f"--learning_rate or enable --grad_clip", file=sys.stderr)
-            sys.exit(1)
+def say_fallbacks(run: Run) -> None:
+    """One eager forward on a throwaway batch: on CUDA, an op that `auto` sends to its reference says so
+    here (kernels/backend.py), which it cannot while torch.compile traces."""
+    with throwaway_batch(run) as (x, y), torch.no_grad(), run.autocast:
+        run.raw_model.eval()
+        run.raw_model(x, y)
+    run.raw_model.train()
 
-    # -------------------------------------------------------------------------------------------------
-    # the training loop
-    model.train()
-    compile_seconds = 0.0
-    if use_compile:
-        compile_seconds = compile_graphs()
-        log(f"compiled in {compile_seconds:.1f} s (before the clock starts)")
-    clock_start = time.perf_counter()
-    eval_seconds = 0.0  # evaluation time, kept apart from training time
-    target_iter = None
-    last_log_iter, last_log_time = iter_num, time.perf_counter()
-    start_iter = iter_num
-    stopped = None  # the signal that stopped the run early
-    if ckpt is not None and iter_num >= cfg.max_iters:
-        log(f"{ckpt_path} is at iter {iter_num}, already at or past --max_iters={cfg.max_iters}: "
-            f"nothing to train (raise --max_iters to continue)")
-    with StopRequest(log) as stop:
-        while True:
-            lr = get_lr(cfg, iter_num)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            evaluate_now = iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters
-            if evaluate_now and not (ckpt is not None and iter_num == start_iter):
-                check_finite(last_log_iter)
-                synchronize()
-                eval_start = time.perf_counter()
-                losses = evaluate()
-                log(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-                # train_seconds: training time so far (evaluation and compilation excluded), from which
-                # the time to any val loss can be read off afterwards
-                record(iter=iter_num, train_loss=losses["train"], val_loss=losses["val"],
-                       train_seconds=eval_start - clock_start - eval_seconds)
-                if losses["val"] < best_val:
-                    best_val = losses["val"]
-                    save(full=False)
-                save(full=True)
-                last_log_iter, last_log_time = iter_num, time.perf_counter()  # eval is not training time
-                eval_seconds += last_log_time - eval_start
-                if cfg.target_val_loss is not None and losses["val"] <= cfg.target_val_loss:
-                    target_iter = iter_num
-                    break
-            if iter_num >= cfg.max_iters:
-                break
-            # Under torchrun the ranks agree on stopping through a collective, which waits for the
-            # device: it runs at log intervals only, where the loop synchronises anyway.
-            signum = stop.signum or 0
-            if (world.size == 1 or iter_num % cfg.log_interval == 0) and world.any(signum != 0):
-                check_finite(last_log_iter)
-                save(full=True)
-                log(f"stopped at iter {iter_num}; saved {ckpt_path}: continue with --resume --out_dir={out_dir}")
-                stopped = signal.Signals(signum or signal.SIGTERM)
-                break
 
-            loss_sum, grad_norm = train_step(model, optimizer, train_batches, micro_steps, cfg.grad_clip,
-                                             autocast)
-            nonfinite |= ~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
-            iter_num += 1
+def compile_graphs(run: Run) -> float:
+    """Compile the training and the evaluation graphs on a throwaway batch before the clock starts, so
+    training times are steady-state times; the run is left exactly as it was (no optimizer step,
+    gradients cleared, RNG states restored). Returns the seconds it took."""
+    started = time.perf_counter()
+    if run.device.type == "cuda":
+        say_fallbacks(run)
+    with throwaway_batch(run) as (x, y):
+        with run.autocast:
+            _, loss = run.model(x, y)
+        loss.backward()
+        run.optimizer.zero_grad(set_to_none=True)
+        run.core.eval()
+        with torch.no_grad(), run.autocast:
+            run.core(x, y)
+        run.core.train()
+    synchronize(run.device)
+    return time.perf_counter() - started
 
-            if iter_num % cfg.log_interval == 0:
-                loss_value = world.mean(loss_sum).item()  # the one host sync per log interval
-                norm_value = grad_norm.item()
-                check_finite(last_log_iter)
-                now = time.perf_counter()
-                ms = (now - last_log_time) * 1000 / (iter_num - last_log_iter)
-                tokens_per_sec = tokens_per_iter / (ms / 1000)
-                mfu = flops_per_iter / (ms / 1000) / peak if peak else None
-                log(f"iter {iter_num}: loss {loss_value:.4f}, lr {lr:.2e}, grad norm {norm_value:.3f}, "
-                    f"{ms:.1f} ms/iter, {tokens_per_sec:,.0f} tokens/s"
-                    + (f", MFU {mfu * 100:.1f}%" if mfu is not None else ""))
-                record(iter=iter_num, loss=loss_value, lr=lr, grad_norm=norm_value, ms_per_iter=ms,
-                       tokens_per_sec=tokens_per_sec, mfu=mfu)
-                last_log_iter, last_log_time = iter_num, now
-    synchronize()
-    wall_seconds = time.perf_counter() - clock_start
-    train_seconds = wall_seconds - eval_seconds
-    record(summary=True, device=str(device), dtype=dtype, compile=use_compile, reference=cfg.reference,
-           iter=iter_num, best_val_loss=best_val, target_val_loss=cfg.target_val_loss,
-           target_iter=target_iter, train_seconds=train_seconds, eval_seconds=eval_seconds,
-           wall_seconds=wall_seconds, compile_seconds=compile_seconds,
-           stopped_by=stopped.name if stopped is not None else None)
-    if metrics is not None:
-        metrics.close()
-    if stopped is not None:
-        return 128 + stopped
 
-    # -------------------------------------------------------------------------------------------------
-    # summary
-    log(f"{iter_num - start_iter} iterations in {train_seconds:.1f} s of training, {eval_seconds:.1f} s of "
-        f"evaluation" + (f", after {compile_seconds:.1f} s of compilation" if use_compile else ""))
+@torch.no_grad()
+def evaluate(run: Run) -> dict[str, float]:
+    """Mean loss over eval_iters batches of each split (the same batches at every evaluation), averaged
+    over the processes."""
+    run.core.eval()
+    losses = torch.zeros(2, device=run.device)
+    for i, batches in enumerate((run.train_batches, run.val_batches)):
+        run.eval_generator.manual_seed(run.world.seed(run.cfg.seed, 1))
+        for _ in range(run.cfg.eval_iters):
+            x, y = batches.next(run.eval_generator)
+            with run.autocast:
+                _, loss = run.core(x, y)
+            losses[i] += loss.float() / run.cfg.eval_iters
+    run.core.train()
+    train_loss, val_loss = run.world.mean(losses).tolist()
+    return {"train": train_loss, "val": val_loss}
+
+
+def save(run: Run, full: bool) -> None:
+    """Write best.pt (weights only) or ckpt.pt (everything resume needs: a collective call)."""
+    payload = {"model": run.raw_model.state_dict(), "model_config": dataclasses.asdict(run.model_config),
+               "vocab": run.corpus.tokenizer.vocab, "corpus_sha256": run.corpus.sha256,
+               "iter_num": run.iter_num, "best_val_loss": run.best_val}
+    if full:
+        payload |= {
+            "optimizer": run.optimizer.state_dict(), "train_config": dataclasses.asdict(run.cfg),
+            "rng": run.world.gather({
+                "device": run.device.type,
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None,
+                "batches": run.train_batches.generator.get_state(),
+            }),
+        }
+    if run.world.master:
+        save_checkpoint(run.ckpt_path if full else run.out_dir / "best.pt", payload)
+
+
+def check_finite(run: Run, since: int) -> None:
+    """Stop (exit 1, the last good checkpoint untouched) if a step since `since` was not finite."""
+    if run.world.any(run.nonfinite):
+        if run.world.master:
+            print(f"fastgpt.train: error: loss or gradient norm became non-finite between iter {since} and "
+                  f"{run.iter_num}; stopped without saving (last good checkpoint: {run.ckpt_path}): lower "
+                  f"--learning_rate or enable --grad_clip", file=sys.stderr)
+        sys.exit(1)
+
+
+def evaluate_and_save(run: Run) -> bool:
+    """Evaluate, record, checkpoint (best.pt on a new best, ckpt.pt always); whether the target is met."""
+    check_finite(run, run.last_log_iter)
+    synchronize(run.device)
+    eval_start = time.perf_counter()
+    losses = evaluate(run)
+    run.log(f"iter {run.iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+    # train_seconds: training time so far (evaluation and compilation excluded), from which the time to
+    # any val loss can be read off afterwards
+    record(run, iter=run.iter_num, train_loss=losses["train"], val_loss=losses["val"],
+           train_seconds=eval_start - run.clock_start - run.eval_seconds)
+    if losses["val"] < run.best_val:
+        run.best_val = losses["val"]
+        save(run, full=False)
+    save(run, full=True)
+    run.last_log_iter, run.last_log_time = run.iter_num, time.perf_counter()  # eval is not training time
+    run.eval_seconds += run.last_log_time - eval_start
+    return run.cfg.target_val_loss is not None and losses["val"] <= run.cfg.target_val_loss
+
+
+def log_step(run: Run, lr: float, loss_sum: torch.Tensor, grad_norm: torch.Tensor) -> None:
+    """The log line and metrics record of a log interval: its one host sync."""
+    loss_value = run.world.mean(loss_sum).item()
+    norm_value = grad_norm.item()
+    check_finite(run, run.last_log_iter)
+    now = time.perf_counter()
+    ms = (now - run.last_log_time) * 1000 / (run.iter_num - run.last_log_iter)
+    tokens_per_sec = run.tokens_per_iter / (ms / 1000)
+    peak = peak_flops(run.device, run.dtype)
+    peak = peak * run.world.size if peak else None  # every process' GPU
+    mfu = run.raw_model.flops_per_token() * run.tokens_per_iter / (ms / 1000) / peak if peak else None
+    run.log(f"iter {run.iter_num}: loss {loss_value:.4f}, lr {lr:.2e}, grad norm {norm_value:.3f}, "
+            f"{ms:.1f} ms/iter, {tokens_per_sec:,.0f} tokens/s" + (f", MFU {mfu * 100:.1f}%" if mfu is not None else ""))
+    record(run, iter=run.iter_num, loss=loss_value, lr=lr, grad_norm=norm_value, ms_per_iter=ms,
+           tokens_per_sec=tokens_per_sec, mfu=mfu)
+    run.last_log_iter, run.last_log_time = run.iter_num, now
+
+
+def loop(run: Run, stop: StopRequest) -> None:
+    """Train until max_iters, the target val loss, or a stop signal (which saves a checkpoint first)."""
+    cfg = run.cfg
+    run.model.train()
+    run.clock_start = run.last_log_time = time.perf_counter()
+    run.last_log_iter = run.iter_num
+    if run.resumed and run.iter_num >= cfg.max_iters:
+        run.log(f"{run.ckpt_path} is at iter {run.iter_num}, already at or past --max_iters={cfg.max_iters}: "
+                f"nothing to train (raise --max_iters to continue)")
+    micro_steps = cfg.gradient_accumulation_steps // run.world.size
+    while True:
+        lr = get_lr(cfg, run.iter_num)
+        for group in run.optimizer.param_groups:
+            group["lr"] = lr
+        evaluate_now = run.iter_num % cfg.eval_interval == 0 or run.iter_num == cfg.max_iters
+        if evaluate_now and not (run.resumed and run.iter_num == run.start_iter) and evaluate_and_save(run):
+            run.target_iter = run.iter_num
+            return
+        if run.iter_num >= cfg.max_iters:
+            return
+        # Under torchrun the ranks agree on stopping through a collective, which waits for the device:
+        # it runs at log intervals only, where the loop synchronises anyway.
+        signum = stop.signum or 0
+        if (run.world.size == 1 or run.iter_num % cfg.log_interval == 0) and run.world.any(signum != 0):
+            check_finite(run, run.last_log_iter)
+            save(run, full=True)
+            run.log(f"stopped at iter {run.iter_num}; saved {run.ckpt_path}: continue with --resume "
+                    f"--out_dir={run.out_dir}")
+            run.stopped = signal.Signals(signum or signal.SIGTERM)
+            return
+        loss_sum, grad_norm = train_step(run.model, run.optimizer, run.train_batches, micro_steps, cfg.grad_clip,
+                                         run.autocast)
+        run.nonfinite |= ~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
+        run.iter_num += 1
+        if run.iter_num % cfg.log_interval == 0:
+            log_step(run, lr, loss_sum, grad_norm)
+
+
+def summarise(run: Run) -> None:
+    """The summary record (the last line of metrics.jsonl) and lines, and the end-of-run sample."""
+    cfg = run.cfg
+    synchronize(run.device)
+    wall_seconds = time.perf_counter() - run.clock_start
+    train_seconds = wall_seconds - run.eval_seconds
+    record(run, summary=True, device=str(run.device), dtype=run.dtype, compile=run.use_compile,
+           reference=cfg.reference, iter=run.iter_num, best_val_loss=run.best_val, target_val_loss=cfg.target_val_loss,
+           target_iter=run.target_iter, train_seconds=train_seconds, eval_seconds=run.eval_seconds,
+           wall_seconds=wall_seconds, compile_seconds=run.compile_seconds,
+           stopped_by=run.stopped.name if run.stopped is not None else None)
+    if run.metrics is not None:
+        run.metrics.close()
+    if run.stopped is not None:
+        return
+    run.log(f"{run.iter_num - run.start_iter} iterations in {train_seconds:.1f} s of training, "
+            f"{run.eval_seconds:.1f} s of evaluation"
+            + (f", after {run.compile_seconds:.1f} s of compilation" if run.use_compile else ""))
     if cfg.target_val_loss is not None:
-        log(f"val loss <= {cfg.target_val_loss} " + (f"reached at iter {target_iter} after {train_seconds:.1f} s "
-                                                      f"of training" if target_iter is not None else
-                                                      f"not reached in {cfg.max_iters} iterations"))
-    log(f"best val loss {best_val:.4f}; checkpoints in {out_dir} (best.pt: best val, ckpt.pt: latest)")
-    if cfg.sample_chars and world.master:
-        prompt = default_prompt(corpus.tokenizer)
+        run.log(f"val loss <= {cfg.target_val_loss} " + (
+            f"reached at iter {run.target_iter} after {train_seconds:.1f} s of training" if run.target_iter is not None
+            else f"not reached in {cfg.max_iters} iterations"))
+    run.log(f"best val loss {run.best_val:.4f}; checkpoints in {run.out_dir} (best.pt: best val, ckpt.pt: latest)")
+    if cfg.sample_chars and run.world.master:
+        prompt = default_prompt(run.corpus.tokenizer)
         # on the references: the sample runs in fp32, one row at a time, and on the kernels it would compile
         # an fp32 set of them (tens of seconds on a GPU) for milliseconds of work
         with kernels.backend("reference"):
-            (text,) = complete(raw_model.eval(), corpus.tokenizer, prompt, cfg.sample_chars, cfg.seed)
-        log("sample:\n" + text[len(prompt):])
-    return 0
+            (text,) = complete(run.raw_model.eval(), run.corpus.tokenizer, prompt, cfg.sample_chars, cfg.seed)
+        run.log("sample:\n" + text[len(prompt):])
 
 
 if __name__ == "__main__":

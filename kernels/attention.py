@@ -59,13 +59,8 @@ def causal_mask(tq: int, tk: int, window: int | None, device: torch.device) -> t
     return allowed
 
 
-def causal_attention_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    dropout_p: float = 0.0,
-    window: int | None = None,
-) -> torch.Tensor:
+def causal_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
+                               window: int | None = None) -> torch.Tensor:
     tq, tk = q.size(-2), k.size(-2)
     if tq == tk and (window is None or window >= tk):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
@@ -153,20 +148,44 @@ def _tile_start(i, lo_a, n_a, lo_b, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _load_rows(X, offs, stride, limit, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """Rows `offs` of one head's (T, D) tensor X (row stride `stride`, unit stride along D), as a (rows, D)
+    tile, or (D, rows) if TRANSPOSED; with MASKED, rows at or past `limit` read as 0."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    if TRANSPOSED:
+        ptrs = X + offs[None, :] * stride + offs_d[:, None]
+        mask = (offs < limit)[None, :]
+    else:
+        ptrs = X + offs[:, None] * stride + offs_d[None, :]
+        mask = (offs < limit)[:, None]
+    if MASKED:
+        tile = tl.load(ptrs, mask=mask, other=0.0)
+    else:
+        tile = tl.load(ptrs)
+    return tile
+
+
+@triton.jit
+def _load_row_stats(X, offs, limit, MASKED: tl.constexpr):
+    """X[offs] of a per-row fp32 vector (LSE, delta); with MASKED, entries at or past `limit` read as 0."""
+    if MASKED:
+        values = tl.load(X + offs, mask=offs < limit, other=0.0)
+    else:
+        values = tl.load(X + offs)
+    return values
+
+
+@triton.jit
 def _attention_fwd_tiles(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, offs_m, pos, seed, lo_a, n_a, lo_b, n_tiles,
                          Tk, window, qk_scale, dropout_p,
                          HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
                          DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
     """Fold key tiles (the runs `_tile_start` describes) into the running softmax state (acc, l_i, m_i)
     of the rows in q."""
-    offs_d = tl.arange(0, HEAD_DIM)
     for i in range(0, n_tiles):
         offs_n = _tile_start(i, lo_a, n_a, lo_b, BLOCK_N) + tl.arange(0, BLOCK_N)
         col_ok = offs_n < Tk
-        if MASKED:
-            kt = tl.load(K + offs_n[None, :] * stride_kt + offs_d[:, None], mask=col_ok[None, :], other=0.0)
-        else:
-            kt = tl.load(K + offs_n[None, :] * stride_kt + offs_d[:, None])  # (D, BLOCK_N)
+        kt = _load_rows(K, offs_n, stride_kt, Tk, HEAD_DIM, MASKED, True)  # (D, BLOCK_N)
         s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
         if MASKED:
             allowed = (offs_n[None, :] <= pos[:, None]) & (offs_n[None, :] > pos[:, None] - window)
@@ -183,10 +202,7 @@ def _attention_fwd_tiles(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, offs_m, p
         l_i = l_i * alpha + tl.sum(p, 1)  # the normaliser counts every probability, kept or dropped
         if DROPOUT:
             p = tl.where(_dropout_keep(seed, offs_m[:, None], offs_n[None, :], Tk, dropout_p), p, 0.0)
-        if MASKED:
-            v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-        else:
-            v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :])  # (BLOCK_N, D)
+        v = _load_rows(V, offs_n, stride_vt, Tk, HEAD_DIM, MASKED, False)  # (BLOCK_N, D)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -280,20 +296,13 @@ def _attention_bwd_dkdv_tiles(dk, dv, k, v, Q, DO, Lse, Delta, stride_qt, stride
                               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
                               DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
     """Accumulate the dK, dV contributions of query tiles (see `_tile_start`) to the key tile (k, v)."""
-    offs_d = tl.arange(0, HEAD_DIM)
     for i in range(0, n_tiles):
         offs_m = _tile_start(i, lo_a, n_a, lo_b, BLOCK_M) + tl.arange(0, BLOCK_M)
         row_ok = offs_m < Tq
-        if MASKED:
-            qt = tl.load(Q + offs_m[None, :] * stride_qt + offs_d[:, None], mask=row_ok[None, :], other=0.0)
-            do = tl.load(DO + offs_m[:, None] * stride_dot + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-            lse = tl.load(Lse + offs_m, mask=row_ok, other=0.0)
-            delta = tl.load(Delta + offs_m, mask=row_ok, other=0.0)
-        else:
-            qt = tl.load(Q + offs_m[None, :] * stride_qt + offs_d[:, None])  # (D, BLOCK_M)
-            do = tl.load(DO + offs_m[:, None] * stride_dot + offs_d[None, :])  # (BLOCK_M, D)
-            lse = tl.load(Lse + offs_m)
-            delta = tl.load(Delta + offs_m)
+        qt = _load_rows(Q, offs_m, stride_qt, Tq, HEAD_DIM, MASKED, True)  # (D, BLOCK_M)
+        do = _load_rows(DO, offs_m, stride_dot, Tq, HEAD_DIM, MASKED, False)  # (BLOCK_M, D)
+        lse = _load_row_stats(Lse, offs_m, Tq, MASKED)
+        delta = _load_row_stats(Delta, offs_m, Tq, MASKED)
         st = tl.dot(k, qt, input_precision=PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M), log2 units
         pt = tl.math.exp2(st - lse[None, :] * LOG2E)
         if MASKED:
@@ -357,21 +366,15 @@ def _attention_bwd_dq_tiles(dq, q, do, lse, delta, K, V, stride_kt, stride_vt, o
                             HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
                             DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
     """Accumulate the dQ contributions of key tiles (see `_tile_start`) to the query tile q."""
-    offs_d = tl.arange(0, HEAD_DIM)
     for i in range(0, n_tiles):
         offs_n = _tile_start(i, lo_a, n_a, lo_b, BLOCK_N) + tl.arange(0, BLOCK_N)
-        col_ok = offs_n < Tk
-        if MASKED:
-            kt = tl.load(K + offs_n[None, :] * stride_kt + offs_d[:, None], mask=col_ok[None, :], other=0.0)
-            vt = tl.load(V + offs_n[None, :] * stride_vt + offs_d[:, None], mask=col_ok[None, :], other=0.0)
-        else:
-            kt = tl.load(K + offs_n[None, :] * stride_kt + offs_d[:, None])  # (D, BLOCK_N)
-            vt = tl.load(V + offs_n[None, :] * stride_vt + offs_d[:, None])  # (D, BLOCK_N)
+        kt = _load_rows(K, offs_n, stride_kt, Tk, HEAD_DIM, MASKED, True)  # (D, BLOCK_N)
+        vt = _load_rows(V, offs_n, stride_vt, Tk, HEAD_DIM, MASKED, True)  # (D, BLOCK_N)
         s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
         p = tl.math.exp2(s - lse[:, None])
         if MASKED:
             allowed = (offs_n[None, :] <= pos[:, None]) & (offs_n[None, :] > pos[:, None] - window)
-            p = tl.where(allowed & col_ok[None, :], p, 0.0)
+            p = tl.where(allowed & (offs_n < Tk)[None, :], p, 0.0)
         dp = tl.dot(do, vt, input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
         if DROPOUT:
             keep = _dropout_keep(seed, offs_m[:, None], offs_n[None, :], Tk, dropout_p)
@@ -418,17 +421,10 @@ def _attention_bwd_kernel(
     DQ,  # (B, H, Tq, D) out (DQ_PART), strided, unit stride along D
     DK, DV,  # (B, H, Tk, D) out (not DQ_PART), strided, unit stride along D
     Seed,  # (1,) int64: dropout seed, read only with DROPOUT
-    stride_qb, stride_qh, stride_qt,
-    stride_dob, stride_doh, stride_dot,
-    stride_kb, stride_kh, stride_kt,
-    stride_vb, stride_vh, stride_vt,
-    stride_dqb, stride_dqh, stride_dqt,
-    stride_dkb, stride_dkh, stride_dkt,
-    stride_dvb, stride_dvh, stride_dvt,
-    H, Tq, Tk, window,
-    qk_scale,  # log2(e) / sqrt(D)
-    sm_scale,  # 1 / sqrt(D)
-    dropout_p,
+    stride_qb, stride_qh, stride_qt, stride_dob, stride_doh, stride_dot,  # (batch, head, row) strides of q, dO,
+    stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,  # k, v,
+    stride_dqb, stride_dqh, stride_dqt, stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt,
+    H, Tq, Tk, window, qk_scale, sm_scale, dropout_p,  # qk_scale = log2(e) / sqrt(D), sm_scale = 1 / sqrt(D)
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     DQ_PART: tl.constexpr,  # one program per query tile, for dQ; else one per key tile, for dK and dV
@@ -436,11 +432,12 @@ def _attention_bwd_kernel(
     bh = tl.program_id(1)
     Q, DO, K, V = _at_head(bh, H, Q, stride_qb, stride_qh, DO, stride_dob, stride_doh, K, stride_kb, stride_kh,
                            V, stride_vb, stride_vh)
-    DQ, DK, DV, _ = _at_head(bh, H, DQ, stride_dqb, stride_dqh, DK, stride_dkb, stride_dkh, DV, stride_dvb,
-                             stride_dvh, DV, stride_dvb, stride_dvh)
     Lse += bh.to(tl.int64) * Tq
     Delta += bh.to(tl.int64) * Tq
     seed = _head_seed(Seed, bh, DROPOUT)
+    # the outputs: the dQ part's (B, H, Tq, D) or the other's (B, H, Tk, D) pair
+    DQ, DK, DV, _ = _at_head(bh, H, DQ, stride_dqb, stride_dqh, DK, stride_dkb, stride_dkh, DV, stride_dvb,
+                             stride_dvh, DV, 0, 0)
     if DQ_PART:
         _attention_bwd_dq(Q, DO, K, V, Lse, Delta, DQ, seed, stride_qt, stride_dot, stride_kt, stride_vt,
                           stride_dqt, Tq, Tk, window, qk_scale, sm_scale, dropout_p,
@@ -687,13 +684,8 @@ def _grad_causal_attention(ctx, dout, dlse):
 _causal_attention_fwd.register_autograd(_grad_causal_attention, setup_context=_setup_causal_attention)
 
 
-def causal_attention_triton(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    dropout_p: float = 0.0,
-    window: int | None = None,
-) -> torch.Tensor:
+def causal_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
+                            window: int | None = None) -> torch.Tensor:
     # The dropout seed is drawn on q's device from torch's generator: torch.manual_seed reproduces a run,
     # and the kernels load it from device memory, so there is no host sync, eagerly or in a compiled
     # graph (where the draw is part of the graph). The kernels give it the (batch, head) as high bits.
@@ -701,13 +693,8 @@ def causal_attention_triton(
     return _causal_attention_fwd(q, k, v, seed, dropout_p, window)[0]
 
 
-def causal_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    dropout_p: float = 0.0,
-    window: int | None = None,
-) -> torch.Tensor:
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
+                     window: int | None = None) -> torch.Tensor:
     """Causal attention of q (B, H, Tq, D) over k, v (B, H, Tk, D), Tq <= Tk; returns (B, H, Tq, D)."""
     if q.dim() != 4 or k.shape != v.shape or k.dim() != 4 or q.shape[:2] != k.shape[:2] \
             or q.size(-1) != k.size(-1) or q.size(-2) > k.size(-2):

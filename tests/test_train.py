@@ -133,6 +133,36 @@ def test_signal_saves_at_a_step_boundary_and_resume_finishes(small_corpus, tmp_p
     assert load_checkpoint(out / "ckpt.pt")["iter_num"] == stopped_at + 3
 
 
+def test_one_run_owns_its_out_dir(small_corpus, tmp_path, cli):
+    """A second trainer on the out_dir of a running one (here even with --overwrite) ends at once with a
+    one-line error naming the first process, exit 2, and touches nothing; once the first is killed (no
+    chance to clean up), the out_dir is free again."""
+    out = tmp_path / "out"
+    args = [f"--data_file={small_corpus}", f"--data_dir={tmp_path}", f"--out_dir={out}", *TINY,
+            "--eval_interval=100000", "--max_iters=100000"]
+    first = subprocess.Popen([sys.executable, "-m", "fastgpt.train", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        metrics = out / "metrics.jsonl"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and (not metrics.exists() or metrics.read_text().count("\n") < 3):
+            time.sleep(0.1)
+        files = {p.name: p.read_bytes() for p in out.iterdir() if p.name != "metrics.jsonl"}
+        head = metrics.read_text().splitlines()[:3]
+        second = cli("fastgpt.train", *args, "--overwrite", "--seed=7")
+        assert second.returncode == 2
+        (line,) = second.stderr.strip().splitlines()
+        assert line.startswith(f"fastgpt.train: error: --out_dir={out} is in use by fastgpt.train process "
+                               f"{first.pid} on ") and "another --out_dir" in line
+        assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != "metrics.jsonl"} == files
+        assert metrics.read_text().splitlines()[:3] == head and first.poll() is None
+    finally:
+        first.kill()
+        first.wait()
+    done = cli("fastgpt.train", f"--out_dir={out}", "--resume", "--max_iters=3")
+    assert done.returncode == 0, done.stderr
+
+
 def test_resume_refuses_mismatches(small_corpus, tmp_path):
     out = tmp_path / "out"
     common = [f"--data_dir={tmp_path}", f"--out_dir={out}"]
