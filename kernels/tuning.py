@@ -23,6 +23,11 @@ from pathlib import Path
 import torch
 import triton
 
+try:
+    import fcntl
+except ImportError:  # Windows: concurrent tuners may drop each other's choices (a re-tune, no more)
+    fcntl = None
+
 
 def cache_dir() -> Path:
     """Where tuning choices are kept: $FASTGPT_CACHE_DIR, else ~/.cache/fastgpt."""
@@ -77,15 +82,20 @@ class Tuner:
         return {k: v for k, v in data.items() if isinstance(v, int)} if isinstance(data, dict) else {}
 
     def _write(self, path: Path, key: str, index: int) -> None:
-        """Add one choice to the file, keeping what other processes wrote meanwhile; atomic (a temporary
-        file renamed over it). A cache that cannot be written only costs a later process a re-tune."""
+        """Add one choice to the file, keeping what other processes wrote: the read, merge and write hold
+        an exclusive lock on a file beside it (processes tuning at once, xdist workers say), and the write
+        is atomic (a temporary file renamed over it). A cache that cannot be written only costs a later
+        process a re-tune."""
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            merged = {**self._read(path), key: index}
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-            with os.fdopen(fd, "w") as f:
-                json.dump(merged, f)
-            os.replace(tmp, path)
+            with open(path.with_name(path.name + ".lock"), "a") as lock:
+                if fcntl is not None:
+                    fcntl.flock(lock, fcntl.LOCK_EX)
+                merged = {**self._read(path), key: index}
+                fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+                with os.fdopen(fd, "w") as f:
+                    json.dump(merged, f)
+                os.replace(tmp, path)
         except OSError:
             pass
 

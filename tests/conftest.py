@@ -82,6 +82,16 @@ def run_module(module: str, *args: str, cwd: Path | None = None, timeout: float 
                           text=True, timeout=timeout, env={**os.environ, **(env or {})})
 
 
+# a model that trains in seconds on the CPU, where every machine computes the same float32 numbers
+TINY_TRAINER = {"device": "cpu", "n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 16, "batch_size": 4,
+                "eval_iters": 2, "sample_chars": 0, "log_interval": 1}
+
+
+def tiny_flags(**changes) -> list[str]:
+    """The trainer flags of TINY_TRAINER, with `changes` (a value of None drops that flag)."""
+    return [f"--{name}={value}" for name, value in {**TINY_TRAINER, **changes}.items() if value is not None]
+
+
 @pytest.fixture
 def cli():
     """`cli("fastgpt.train", "--max_iters=1", ...)` runs a module as a subprocess."""
@@ -97,10 +107,28 @@ def check_kernel_error(name: str, actual: torch.Tensor, exact: torch.Tensor, tor
                           f"{actual.dtype} error {result['torch_error']:.3g}, scale {result['scale']:.3g})")
 
 
-@pytest.fixture
-def kernel_error():
-    """`kernel_error(name, actual, exact_fp64, torch_same_dtype)`: the accuracy rule above."""
-    return check_kernel_error
+def outputs_and_grads(fn, inputs, cotangents) -> list[torch.Tensor]:
+    """[fn's outputs..., the gradients of sum(output * cotangent) with respect to each input that is not
+    None...], the inputs taken as fresh leaves (the products are summed in fp64)."""
+    leaves = [t.detach().requires_grad_() if t is not None else None for t in inputs]
+    outputs = fn(*leaves)
+    outputs = list(outputs) if isinstance(outputs, tuple) else [outputs]
+    loss = sum((o.double() * c.to(o.device).double()).sum() for o, c in zip(outputs, cotangents))
+    grads = torch.autograd.grad(loss, [t for t in leaves if t is not None])
+    return [o.detach() for o in outputs] + list(grads)
+
+
+def check_against_fp64(names, fn, reference, inputs, cotangents, check=None) -> list[torch.Tensor]:
+    """Every output and gradient of fn (the kernels) against `reference` computed in fp64, next to
+    `reference` in the inputs' own dtype, under the accuracy rule (`check`: check_kernel_error, or a
+    stricter or looser variant of an op's). Returns fn's outputs and gradients."""
+    got = outputs_and_grads(fn, inputs, cotangents)
+    exact = outputs_and_grads(reference, [t.double() if t is not None else None for t in inputs], cotangents)
+    same_dtype = outputs_and_grads(reference, inputs, cotangents)
+    assert len(got) == len(names), (len(got), names)
+    for name, g, e, t in zip(names, got, exact, same_dtype):
+        (check or check_kernel_error)(name, g, e, t)
+    return got
 
 
 def aot_table(rows: list[dict]) -> str:

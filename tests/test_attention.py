@@ -17,7 +17,7 @@ import torch
 
 import aot
 import kernels
-from conftest import DEVICE, KERNEL_DTYPES as DTYPES
+from conftest import DEVICE, KERNEL_DTYPES as DTYPES, check_against_fp64, check_kernel_error
 from fastgpt.model import CausalSelfAttention, GPTConfig, KVCache
 from kernels import attention
 from kernels.attention import HEAD_DIMS, causal_attention_reference, causal_mask
@@ -32,29 +32,24 @@ def qkv(b, h, tq, tk, d, dtype, seed=0):
                  for t in (tq, tk, tk))
 
 
-def out_and_grads(fn, q, k, v, dout):
-    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-    out = fn(q, k, v)
-    return (out, *torch.autograd.grad(out, (q, k, v), dout.to(out.device, out.dtype)))
+def attention_check(name, actual, exact, torch_lowp):
+    """The accuracy rule, except for results that are exactly 0: dq, dk of queries that see a single key
+    are 0 (to fp64 rounding); the kernel gets P * (dP - delta), a cancellation of two O(1) fp32 sums (one a
+    matmul, one a row sum): a few fp32 roundings."""
+    if exact.abs().max() < 1e-12:
+        assert actual.abs().max() <= 1e-5, f"{name}: {actual.abs().max()} where exactly 0"
+    else:
+        check_kernel_error(name, actual, exact, torch_lowp)
 
 
-def assert_accurate(kernel_error, q, k, v, window=None):
-    """out, dq, dk, dv of the Triton path against the fp64 reference, under the kernels' accuracy rule
-    (tests/conftest.py: at most twice PyTorch's own error in the same dtype, plus a floor)."""
+def assert_accurate(q, k, v, window=None, fn=None, reference=None):
+    """out, dq, dk, dv of the Triton path (or `fn`) against the reference (or `reference`) in fp64, under
+    the kernels' accuracy rule (tests/conftest.py)."""
     dout = torch.randn(q.shape, generator=torch.Generator(DEVICE).manual_seed(1), dtype=torch.float64)
-    got = out_and_grads(lambda q, k, v: kernels.causal_attention(q, k, v, 0.0, window), q, k, v, dout)
-    with kernels.backend("reference"):
-        exact = out_and_grads(lambda q, k, v: causal_attention_reference(q, k, v, 0.0, window),
-                              q.double(), k.double(), v.double(), dout)
-        same_dtype = out_and_grads(lambda q, k, v: causal_attention_reference(q, k, v, 0.0, window), q, k, v, dout)
-    for name, g, e, t in zip(("out", "dq", "dk", "dv"), got, exact, same_dtype):
-        assert g.dtype == q.dtype, name
-        if e.abs().max() < 1e-12:
-            # dq, dk of queries that see a single key are 0 (to fp64 rounding); the kernel gets P * (dP - delta), a
-            # cancellation of two O(1) fp32 sums (one a matmul, one a row sum): a few fp32 roundings
-            assert g.abs().max() <= 1e-5, f"{name}: {g.abs().max()} where exactly 0"
-        else:
-            kernel_error(name, g, e, t)
+    fn = fn or (lambda q, k, v: kernels.causal_attention(q, k, v, 0.0, window))
+    reference = reference or (lambda q, k, v: causal_attention_reference(q, k, v, 0.0, window))
+    got = check_against_fp64(["out", "dq", "dk", "dv"], fn, reference, (q, k, v), (dout,), attention_check)
+    assert all(g.dtype == q.dtype for g in got)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -71,8 +66,8 @@ CASES = [
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("t, d, window", CASES)
-def test_matches_reference(t, d, window, dtype, kernel_error):
-    assert_accurate(kernel_error, *qkv(1, 2 if t < 128 else 1, t, t, d, dtype), window)
+def test_matches_reference(t, d, window, dtype):
+    assert_accurate(*qkv(1, 2 if t < 128 else 1, t, t, d, dtype), window)
 
 
 # PTX's approximations, which a GPU runs for tl.math.exp2 and log2 on fp32 (the interpreter computes them
@@ -83,7 +78,7 @@ APPROX_EXP2_RELATIVE, APPROX_LOG2_ABSOLUTE = 2.0**-22, 2.0**-22
 @pytest.mark.skipif(CUDA, reason="on a GPU the kernels run natively, with the GPU's own exp2 and log2")
 @pytest.mark.parametrize("tq, tk, d, window", [(256, 256, 64, None), (300, 300, 128, 17), (127, 127, 16, None),
                                                (1, 300, 32, None)])
-def test_fp32_accuracy_holds_with_the_gpus_approximate_exp2_and_log2(monkeypatch, tq, tk, d, window, kernel_error):
+def test_fp32_accuracy_holds_with_the_gpus_approximate_exp2_and_log2(monkeypatch, tq, tk, d, window):
     """The fp32 floor was set where exp2 and log2 are exact. With errors a little larger than the GPU's
     approximations injected into every exp2 and log2 the kernels compute (random in sign and size, so they
     do not cancel in the softmax's normalisation), fp32 attention still meets the accuracy rule: the
@@ -107,7 +102,7 @@ def test_fp32_accuracy_holds_with_the_gpus_approximate_exp2_and_log2(monkeypatch
 
     monkeypatch.setattr(builder, "create_exp2", noisy(np.exp2, relative=True))
     monkeypatch.setattr(builder, "create_log2", noisy(np.log2, relative=False))
-    assert_accurate(kernel_error, *qkv(1, 2, tq, tk, d, torch.float32), window)
+    assert_accurate(*qkv(1, 2, tq, tk, d, torch.float32), window)
     assert np.exp2 in calls and np.log2 in calls  # the kernels did compute through the noisy functions
 
 
@@ -117,8 +112,8 @@ def test_fp32_accuracy_holds_with_the_gpus_approximate_exp2_and_log2(monkeypatch
     (20, 300, 32, 17), (64, 127, 64, None), (100, 256, 128, 64),
 ])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_fewer_queries_than_keys(tq, tk, d, window, dtype, kernel_error):
-    assert_accurate(kernel_error, *qkv(1, 2, tq, tk, d, dtype), window)
+def test_fewer_queries_than_keys(tq, tk, d, window, dtype):
+    assert_accurate(*qkv(1, 2, tq, tk, d, dtype), window)
 
 
 @pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")  # from the later tiles, which do read them
@@ -227,21 +222,16 @@ def explicit_dropout_attention(q, k, v, keep, p, window):
 
 
 @pytest.mark.parametrize("tq, tk, d, window", [(65, 65, 32, None), (130, 130, 16, 40), (20, 150, 64, None)])
-def test_dropout_applies_the_mask_it_reports_forward_and_backward(tq, tk, d, window, kernel_error):
+def test_dropout_applies_the_mask_it_reports_forward_and_backward(tq, tk, d, window):
     p = 0.3
     q, k, v = qkv(2, 2, tq, tk, d, torch.float32)
     seed = torch.tensor([1234567], dtype=torch.int64, device=DEVICE)
     keep = attention._dropout_keep_mask(seed, 2, 2, tq, tk, p)
     assert keep.shape == (2, 2, tq, tk)
     assert not torch.equal(keep[0, 0], keep[0, 1]) and not torch.equal(keep[0, 0], keep[1, 0])  # per head
-    dout = torch.randn(q.shape, generator=torch.Generator(DEVICE).manual_seed(1), dtype=torch.float64)
     # the backward regenerates the mask from the seed: all four agree with the mask only if it does
-    got = out_and_grads(lambda q, k, v: attention._causal_attention_fwd(q, k, v, seed, p, window)[0], q, k, v, dout)
-    explicit = lambda q, k, v: explicit_dropout_attention(q, k, v, keep.to(q.dtype), p, window)  # noqa: E731
-    exact = out_and_grads(explicit, q.double(), k.double(), v.double(), dout)
-    same_dtype = out_and_grads(explicit, q, k, v, dout)
-    for name, g, e, t in zip(("out", "dq", "dk", "dv"), got, exact, same_dtype):
-        kernel_error(name, g, e, t)
+    assert_accurate(q, k, v, fn=lambda q, k, v: attention._causal_attention_fwd(q, k, v, seed, p, window)[0],
+                    reference=lambda q, k, v: explicit_dropout_attention(q, k, v, keep.to(q.dtype), p, window))
 
 
 def test_dropout_keep_rate_and_seeds():
@@ -356,6 +346,7 @@ def test_rejects_mixed_devices_and_oversized_dropout():
 # ahead-of-time compilation for the GPUs
 
 
+@pytest.mark.slow
 def test_aot(aot_compile):
     rows = aot_compile("kernels.attention")
     errors = [r for r in rows if "error" in r]

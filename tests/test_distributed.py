@@ -11,11 +11,12 @@ import pytest
 
 from fastgpt import train
 
-from conftest import ROOT
+from conftest import ROOT, tiny_flags
 
-FLAGS = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4", "--eval_iters=4",
-         "--gradient_accumulation_steps=2", "--sample_chars=0", "--log_interval=1", "--eval_interval=10",
-         "--warmup_iters=0", "--learning_rate=3e-3", "--lr_decay_iters=20", "--dropout=0.1", "--device=cpu"]
+pytestmark = pytest.mark.slow  # torchrun jobs of two processes each: the full tier
+
+FLAGS = tiny_flags(eval_iters=4, gradient_accumulation_steps=2, eval_interval=10, warmup_iters=0,
+                   learning_rate=3e-3, lr_decay_iters=20, dropout=0.1)
 ITERS = 20
 # 2 processes draw other batches than 1 (each rank seeds its own stream), so the curves agree only
 # statistically: measured here, the mean |difference| of the step losses is 0.033, of the final val 0.016

@@ -6,13 +6,13 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_flags
 
 from fastgpt import sample, train
 from fastgpt.checkpoint import load_checkpoint, model_from_checkpoint
 from fastgpt.config import UserError, parse_train_args
 
-TINY = ["--device=cpu", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=8",
-        "--eval_iters=4", "--sample_chars=0", "--log_interval=10", "--learning_rate=1e-2", "--warmup_iters=0"]
+TINY = tiny_flags(batch_size=8, eval_iters=4, log_interval=10, learning_rate=1e-2, warmup_iters=0)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import torch
 
 import aot
 import kernels
-from conftest import DEVICE, KERNEL_DTYPES as DTYPES
+from conftest import DEVICE, KERNEL_DTYPES as DTYPES, check_against_fp64, outputs_and_grads as grads
 from kernels.layer_norm import (MAX_N, _add_layer_norm_fwd, _layer_norm_bwd, _layer_norm_fwd, _tile,
                                add_layer_norm_reference, layer_norm_reference)
 
@@ -30,48 +30,27 @@ def make(shape, dtype, with_bias, seed=0):
     return x, r, w, b
 
 
-def grads(fn, inputs, cotangents):
-    """Outputs of fn(*inputs) and the gradients of sum(output * cotangent) wrt every non-None input."""
-    leaves = [t.detach().requires_grad_() if t is not None else None for t in inputs]
-    outputs = fn(*leaves)
-    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-    loss = sum((o.double() * c.double()).sum() for o, c in zip(outputs, cotangents))
-    present = [t for t in leaves if t is not None]
-    return [o.detach() for o in outputs], [g for g in torch.autograd.grad(loss, present)]
-
-
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_layer_norm_and_gradients_match_fp64(shape, dtype, with_bias, kernel_error):
+def test_layer_norm_and_gradients_match_fp64(shape, dtype, with_bias):
     x, _, w, b = make(shape, dtype, with_bias)
     dy = torch.randn(shape, generator=torch.Generator(DEVICE).manual_seed(1)).to(dtype)
-    names = ["y", "dx", "dweight", "dbias"]
-    outs, gs = grads(kernels.layer_norm, (x, w, b), (dy,))
-    exact_outs, exact_gs = grads(layer_norm_reference, [t.double() if t is not None else None for t in (x, w, b)],
-                                 (dy,))
-    torch_outs, torch_gs = grads(layer_norm_reference, (x, w, b), (dy,))
-    assert outs[0].dtype == dtype
-    for name, a, e, t in zip(names, outs + gs, exact_outs + exact_gs, torch_outs + torch_gs):
-        kernel_error(name, a, e, t)
+    names = ["y", "dx", "dweight"] + (["dbias"] if with_bias else [])
+    y = check_against_fp64(names, kernels.layer_norm, layer_norm_reference, (x, w, b), (dy,))[0]
+    assert y.dtype == dtype
 
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_add_layer_norm_and_gradients_match_fp64(shape, dtype, kernel_error):
+def test_add_layer_norm_and_gradients_match_fp64(shape, dtype):
     """h = x + r and layer_norm(h), with gradients reaching both h (the residual stream) and y."""
     with_bias = shape[-1] % 2 == 0  # bias on some shapes, not on others
     x, r, w, b = make(shape, dtype, with_bias)
     g = torch.Generator(DEVICE).manual_seed(2)
     dh, dy = torch.randn(shape, generator=g).to(dtype), torch.randn(shape, generator=g).to(dtype)
-    inputs = (x, r, w, b)
-    names = ["h", "y", "dx", "dr", "dweight", "dbias"]
-    outs, gs = grads(kernels.add_layer_norm, inputs, (dh, dy))
-    exact_outs, exact_gs = grads(add_layer_norm_reference,
-                                 [t.double() if t is not None else None for t in inputs], (dh, dy))
-    torch_outs, torch_gs = grads(add_layer_norm_reference, inputs, (dh, dy))
-    for name, a, e, t in zip(names, outs + gs, exact_outs + exact_gs, torch_outs + torch_gs):
-        kernel_error(name, a, e, t)
+    names = ["h", "y", "dx", "dr", "dweight"] + (["dbias"] if with_bias else [])
+    check_against_fp64(names, kernels.add_layer_norm, add_layer_norm_reference, (x, r, w, b), (dh, dy))
 
 
 def test_strided_rows_and_mixed_dtypes():
@@ -83,9 +62,9 @@ def test_strided_rows_and_mixed_dtypes():
     assert not x.is_contiguous()
     r = torch.randn(6, 96, generator=g).half()
     w, b = torch.randn(96, generator=g), torch.randn(96, generator=g)
-    (h, y), (dx, dr, dw, db) = grads(kernels.add_layer_norm, (x, r, w, b), (torch.ones(6, 96), torch.ones(6, 96)))
-    (h_ref, y_ref), ref_grads = grads(add_layer_norm_reference, (x, r, w, b), (torch.ones(6, 96),
-                                                                               torch.ones(6, 96)))
+    ones = (torch.ones(6, 96), torch.ones(6, 96))
+    h, y, dx, dr, dw, db = grads(kernels.add_layer_norm, (x, r, w, b), ones)
+    h_ref, y_ref, *ref_grads = grads(add_layer_norm_reference, (x, r, w, b), ones)
     assert h.dtype == torch.float32 and dr.dtype == torch.float16 and dx.dtype == torch.float32
     torch.testing.assert_close(h, h_ref)
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
@@ -105,7 +84,7 @@ def test_autocast_writes_the_autocast_dtype():
 
 def test_no_rows():
     x, r, w, _ = make((0, 3, 16), torch.float32, False)
-    (h, y), (dx, dr, dw) = grads(kernels.add_layer_norm, (x, r, w, None), (torch.ones(0, 3, 16),) * 2)
+    h, y, dx, dr, dw = grads(kernels.add_layer_norm, (x, r, w, None), (torch.ones(0, 3, 16),) * 2)
     assert h.shape == y.shape == dx.shape == (0, 3, 16) and torch.equal(dw, torch.zeros(16))
 
 
@@ -114,7 +93,7 @@ def test_backward_is_deterministic():
     cot = (torch.randn(3, 50, 200), torch.randn(3, 50, 200))
     first = grads(kernels.add_layer_norm, (x, r, w, b), cot)
     second = grads(kernels.add_layer_norm, (x, r, w, b), cot)
-    for a, b_ in zip(first[0] + first[1], second[0] + second[1]):
+    for a, b_ in zip(first, second):
         assert torch.equal(a, b_)
 
 
@@ -151,13 +130,12 @@ def test_compiles_fullgraph_through_the_custom_ops():
         return h * kernels.layer_norm(y, w)
 
     compiled = torch.compile(block, fullgraph=True)
-    out, out_grads = grads(compiled, (x, r, w, b), (torch.ones(2, 9, 48),))
-    ref, ref_grads = grads(block, (x, r, w, b), (torch.ones(2, 9, 48),))
-    torch.testing.assert_close(out[0], ref[0])
-    for a, e in zip(out_grads, ref_grads):
+    for a, e in zip(grads(compiled, (x, r, w, b), (torch.ones(2, 9, 48),)),
+                    grads(block, (x, r, w, b), (torch.ones(2, 9, 48),))):
         torch.testing.assert_close(a, e)
 
 
+@pytest.mark.slow
 def test_aot_compiles_every_configuration_for_sm90_and_sm80(aot_compile):
     rows = aot_compile("kernels.layer_norm")
     errors = [r for r in rows if "error" in r]

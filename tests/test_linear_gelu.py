@@ -11,7 +11,7 @@ import torch
 
 import aot
 import kernels
-from conftest import DEVICE, KERNEL_DTYPES as DTYPES
+from conftest import DEVICE, KERNEL_DTYPES as DTYPES, check_against_fp64, outputs_and_grads as grads
 from kernels.linear_gelu import _linear_gelu_bwd, _linear_gelu_fwd, linear_gelu_reference
 
 # (x shape, N): the row shapes, N = 4 * K as in the GPT's MLP where that stays small enough for
@@ -31,26 +31,14 @@ def make(x_shape, n, dtype, with_bias, seed=0):
     return x, w, b, dy
 
 
-def grads(fn, inputs, dy):
-    leaves = [t.detach().requires_grad_() if t is not None else None for t in inputs]
-    y = fn(*leaves)
-    present = [t for t in leaves if t is not None]
-    return [y.detach()] + list(torch.autograd.grad((y.double() * dy.double()).sum(), present))
-
-
 @pytest.mark.parametrize("x_shape, n", CASES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_linear_gelu_and_gradients_match_fp64(x_shape, n, dtype, with_bias, kernel_error):
+def test_linear_gelu_and_gradients_match_fp64(x_shape, n, dtype, with_bias):
     x, w, b, dy = make(x_shape, n, dtype, with_bias)
-    inputs = (x, w, b)
-    names = ["y", "dx", "dweight", "dbias"]
-    ours = grads(kernels.linear_gelu, inputs, dy)
-    exact = grads(linear_gelu_reference, [t.double() if t is not None else None for t in inputs], dy)
-    torch_lowp = grads(linear_gelu_reference, inputs, dy)
-    assert ours[0].dtype == dtype and ours[0].shape == (*x_shape[:-1], n)
-    for name, a, e, t in zip(names, ours, exact, torch_lowp):
-        kernel_error(name, a, e, t)
+    names = ["y", "dx", "dweight"] + (["dbias"] if with_bias else [])
+    y = check_against_fp64(names, kernels.linear_gelu, linear_gelu_reference, (x, w, b), (dy,))[0]
+    assert y.dtype == dtype and y.shape == (*x_shape[:-1], n)
 
 
 def test_strided_input_and_weight():
@@ -60,8 +48,8 @@ def test_strided_input_and_weight():
     x = wide[..., 16:64]  # (2, 9, 48), rows 80 elements apart
     w = torch.randn(48, 40, generator=g).t()  # (40, 48) with strides (1, 40)
     dy = torch.randn(2, 9, 40, generator=g)
-    ours = grads(kernels.linear_gelu, (x, w, None), dy)
-    ref = grads(linear_gelu_reference, (x, w, None), dy)
+    ours = grads(kernels.linear_gelu, (x, w, None), (dy,))
+    ref = grads(linear_gelu_reference, (x, w, None), (dy,))
     for a, e in zip(ours, ref):
         torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-4)
 
@@ -94,13 +82,13 @@ def test_saves_no_more_than_the_reference():
 
 def test_backward_is_deterministic():
     x, w, b, dy = make((3, 40, 96), 200, torch.float32, True)
-    first, second = grads(kernels.linear_gelu, (x, w, b), dy), grads(kernels.linear_gelu, (x, w, b), dy)
+    first, second = grads(kernels.linear_gelu, (x, w, b), (dy,)), grads(kernels.linear_gelu, (x, w, b), (dy,))
     assert all(torch.equal(a, b_) for a, b_ in zip(first, second))
 
 
 def test_no_rows():
     x, w, b, dy = make((0, 16), 24, torch.float32, True)
-    y, dx, dw, db = grads(kernels.linear_gelu, (x, w, b), dy)
+    y, dx, dw, db = grads(kernels.linear_gelu, (x, w, b), (dy,))
     assert y.shape == (0, 24) and dx.shape == (0, 16) and torch.equal(dw, torch.zeros(24, 16))
 
 
@@ -130,10 +118,11 @@ def test_compiles_fullgraph_through_the_custom_ops():
         return kernels.linear_gelu(x, w, b) * 2
 
     compiled = torch.compile(mlp_half, fullgraph=True)
-    for a, e in zip(grads(compiled, (x, w, b), dy), grads(mlp_half, (x, w, b), dy)):
+    for a, e in zip(grads(compiled, (x, w, b), (dy,)), grads(mlp_half, (x, w, b), (dy,))):
         torch.testing.assert_close(a, e)
 
 
+@pytest.mark.slow
 def test_aot_compiles_every_configuration_for_sm90_and_sm80(aot_compile):
     rows = aot_compile("kernels.linear_gelu")
     errors = [r for r in rows if "error" in r]

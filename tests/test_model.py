@@ -235,6 +235,7 @@ def train_losses(backend: str, steps: int, compiled: bool = False) -> list[float
     return losses
 
 
+@pytest.mark.slow
 def test_triton_kernels_train_like_the_references():
     """Convergence: 30 AdamW steps on the Triton LayerNorm, linear+GELU and attention kernels follow the
     references' loss curve to within 2e-3 (fp32: only summation orders differ) and learn as much."""
@@ -243,6 +244,7 @@ def test_triton_kernels_train_like_the_references():
     assert reference[-1] < reference[0] - 0.5  # it did learn
 
 
+@pytest.mark.slow
 def test_training_step_compiles_fullgraph_on_the_kernels():
     """torch.compile(fullgraph=True) traces the model, forward and backward, through the kernels' custom
     ops with no graph break; the compiled steps match eager ones."""

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, run_module
+from conftest import ROOT, run_module, tiny_flags
 
-TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4", "--eval_interval=10"]
+TINY = tiny_flags(device=None, n_layer=1, eval_iters=None, sample_chars=None, log_interval=None, eval_interval=10)
 
 
 def report_json(out: Path) -> tuple[Path, dict]:
@@ -22,6 +22,7 @@ def report_json(out: Path) -> tuple[Path, dict]:
     return path, json.loads(path.read_text())
 
 
+@pytest.mark.slow
 def test_time_to_target_reads_the_time_to_every_target_off_the_runs(small_corpus, tmp_path):
     # run from elsewhere with a relative corpus path: the trainer, started in the repository, still finds it
     proc = run_module("bench.report", "--device=cpu", "--phases=time_to_target", "--budget_s=200", "--max_iters=30",
@@ -47,6 +48,7 @@ def test_time_to_target_reads_the_time_to_every_target_off_the_runs(small_corpus
     assert "--reference" in markdown and path.with_suffix(".log").read_text().count("$ ") == 2
 
 
+@pytest.mark.slow
 def test_a_report_made_over_several_commands_keeps_every_phase(tmp_path):
     """Two calls, the second into another directory with --merge: the report has both calls' phases, its
     benchmarks merged by name (the second call's replacing the first's), and both logs."""
@@ -80,6 +82,7 @@ def test_a_report_made_over_several_commands_keeps_every_phase(tmp_path):
     assert "was measured with device 'NVIDIA H200'" in proc.stderr
 
 
+@pytest.mark.slow
 def test_the_budget_holds_and_what_did_not_fit_is_recorded_as_cut(tmp_path):
     """Every phase asked for in 40 seconds, which cannot hold them all (the trainer alone would run for
     minutes): the report ends within a few seconds of the budget, every phase is recorded, those cut short
@@ -101,6 +104,7 @@ def test_the_budget_holds_and_what_did_not_fit_is_recorded_as_cut(tmp_path):
         assert phase.get("seconds", 0) < 40
 
 
+@pytest.mark.slow
 def test_a_pytest_phase_cut_at_its_limit_keeps_the_results_it_had(tmp_path):
     """The tests stream their results as they are decided: killed at the time limit, the phase keeps them."""
     from bench.report import Phases

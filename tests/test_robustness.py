@@ -13,10 +13,9 @@ from fastgpt import compare, sample, train
 from fastgpt.checkpoint import load_checkpoint, save_checkpoint
 from fastgpt.config import UserError, parse_train_args
 
-from conftest import ROOT
+from conftest import ROOT, tiny_flags
 
-TINY = ["--device=cpu", "--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=8", "--batch_size=4",
-        "--eval_iters=2", "--sample_chars=0", "--log_interval=5"]
+TINY = tiny_flags(n_layer=1, n_embd=16, block_size=8, log_interval=5)
 
 
 @pytest.fixture

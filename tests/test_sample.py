@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_module
+from conftest import run_module, tiny_flags
+
+pytestmark = pytest.mark.slow  # a model trained for them and a subprocess per command: the full tier
 from fastgpt.checkpoint import load_checkpoint
 from fastgpt.config import run_main
 from fastgpt.sample import main
@@ -35,9 +37,8 @@ def workdir(tmp_path_factory, shakespeare_path) -> Path:
     """A trained out_dir (best.pt, ckpt.pt) and the files the commands below read."""
     tmp = tmp_path_factory.mktemp("sample")
     r = run_module("fastgpt.train", f"--data_file={shakespeare_path}", f"--data_dir={tmp / 'data'}",
-                   "--max_iters=20", "--eval_interval=10", "--n_layer=1", "--n_head=2", "--n_embd=32",
-                   "--block_size=16", "--batch_size=4", "--eval_iters=2", f"--out_dir={tmp / 'out'}",
-                   "--sample_chars=0", CPU, env=ENV)
+                   *tiny_flags(n_layer=1, max_iters=20, eval_interval=10, log_interval=None), f"--out_dir={tmp / 'out'}",
+                   env=ENV)
     assert r.returncode == 0, r.stderr
     best = tmp / "out" / "best.pt"
     (tmp / "prompt.txt").write_text(PROMPT, encoding="utf-8")

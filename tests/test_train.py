@@ -15,10 +15,9 @@ from fastgpt import train
 from fastgpt.checkpoint import load_checkpoint
 from fastgpt.config import PRESETS, UserError
 
-from conftest import ROOT
+from conftest import ROOT, tiny_flags
 
-TINY = ["--device=cpu", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4",
-        "--eval_iters=2", "--sample_chars=0", "--warmup_iters=5", "--lr_decay_iters=60", "--log_interval=1"]
+TINY = tiny_flags(warmup_iters=5, lr_decay_iters=60)
 
 
 def read_metrics(out_dir):
@@ -108,6 +107,7 @@ def test_divergence_stops_without_overwriting_the_checkpoint(small_corpus, tmp_p
         assert torch.equal(tensor, kept["model"][name])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_saves_at_a_step_boundary_and_resume_finishes(small_corpus, tmp_path, sig, cli):
     out = tmp_path / "out"
@@ -133,6 +133,7 @@ def test_signal_saves_at_a_step_boundary_and_resume_finishes(small_corpus, tmp_p
     assert load_checkpoint(out / "ckpt.pt")["iter_num"] == stopped_at + 3
 
 
+@pytest.mark.slow
 def test_one_run_owns_its_out_dir(small_corpus, tmp_path, cli):
     """A second trainer on the out_dir of a running one (here even with --overwrite) ends at once with a
     one-line error naming the first process, exit 2, and touches nothing; once the first is killed (no

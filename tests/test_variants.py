@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_flags
 
 from fastgpt import compare, sample, train
 from fastgpt.checkpoint import load_checkpoint, model_from_checkpoint
@@ -15,9 +16,7 @@ from fastgpt.model import (MODELS, AttentionLanguageModel, BigramLanguageModel, 
                            build_model)
 
 TINY = GPTConfig(vocab_size=11, block_size=12, n_layer=2, n_head=2, n_embd=16, dropout=0.2)
-TRAIN_FLAGS = ["--device=cpu", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=8",
-               "--eval_iters=4", "--sample_chars=0", "--warmup_iters=0", "--learning_rate=1e-2",
-               "--log_interval=10"]
+TRAIN_FLAGS = tiny_flags(batch_size=8, eval_iters=4, warmup_iters=0, learning_rate=1e-2, log_interval=10)
 
 
 def tiny(name: str, **changes) -> torch.nn.Module:
