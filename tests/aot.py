@@ -38,6 +38,15 @@ def spilling(rows: list[dict]) -> list[dict]:
     return [r for r in rows if r.get("spills", 0) > INCIDENTAL_SPILL_BYTES]
 
 
+def assert_clean(rows: list[dict]) -> None:
+    """Every configuration compiled, within its architecture's shared memory, without register spills."""
+    errors = [r for r in rows if "error" in r]
+    assert not errors, errors[:3]
+    too_big = [r for r in rows if r["shared"] > r["shared_limit"]]
+    assert not too_big, too_big[:3]
+    assert not spilling(rows), f"register spills: {spilling(rows)}"
+
+
 def resource_usage(cubin: bytes) -> dict:
     """REG / STACK / LOCAL / SHARED of the one kernel in `cubin`, as cuobjdump reports them."""
     import triton

@@ -349,10 +349,8 @@ def test_rejects_mixed_devices_and_oversized_dropout():
 @pytest.mark.slow
 def test_aot(aot_compile):
     rows = aot_compile("kernels.attention")
-    errors = [r for r in rows if "error" in r]
-    assert not errors, errors[:3]
-    for r in rows:
-        assert r["shared"] <= r["shared_limit"], r
+    # no register spills anywhere, the presets' head dims (cpu: 32, shakespeare_char: 64) included
+    aot.assert_clean(rows)
     kinds = {(r["kernel"], r["arch"], r["head_dim"], r["dtype"]) for r in rows}
     parts = {(r["kernel"], r["arch"], r["head_dim"], r["dtype"], r.get("part")) for r in rows}
     for kernel, part in (("_attention_fwd_kernel", None), ("_attention_bwd_preprocess_kernel", None),
@@ -361,8 +359,6 @@ def test_aot(aot_compile):
             for d in HEAD_DIMS:
                 for dtype in ("fp16", "bf16"):
                     assert (kernel, arch, d, dtype) in kinds and (kernel, arch, d, dtype, part) in parts
-    # no register spills anywhere, the presets' head dims (cpu: 32, shakespeare_char: 64) included
-    assert not aot.spilling(rows), f"register spills: {aot.spilling(rows)}"
 
 
 def test_auto_backend_falls_back_to_the_reference_outside_the_kernel_limits(monkeypatch):

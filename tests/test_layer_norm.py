@@ -138,8 +138,7 @@ def test_compiles_fullgraph_through_the_custom_ops():
 @pytest.mark.slow
 def test_aot_compiles_every_configuration_for_sm90_and_sm80(aot_compile):
     rows = aot_compile("kernels.layer_norm")
-    errors = [r for r in rows if "error" in r]
-    assert not errors, errors[:3]
+    aot.assert_clean(rows)
     # every row tile the launcher picks for a width from 64 to MAX_N is among them, forward and backward
     for kernel, backward in (("_layer_norm_fwd_kernel", False), ("_layer_norm_bwd_kernel", True)):
         needed = {_tile(n, backward) for n in range(64, MAX_N + 1)}
@@ -148,8 +147,6 @@ def test_aot_compiles_every_configuration_for_sm90_and_sm80(aot_compile):
                 compiled = {(r["constexprs"]["BLOCK_M"], r["constexprs"]["BLOCK_N"], r["num_warps"])
                             for r in rows if (r["kernel"], r["dtype"], r["arch"]) == (kernel, dtype, arch)}
                 assert needed <= compiled, (kernel, dtype, arch, needed - compiled)
-    assert all(r["shared"] <= r["shared_limit"] for r in rows)
-    assert not aot.spilling(rows), f"register spills: {aot.spilling(rows)}"
 
 
 def test_auto_backend_falls_back_to_the_reference_outside_the_kernel_limits(monkeypatch):

@@ -14,6 +14,8 @@ import kernels
 from conftest import DEVICE, KERNEL_DTYPES as DTYPES, check_against_fp64, outputs_and_grads as grads
 from kernels.linear_gelu import _linear_gelu_bwd, _linear_gelu_fwd, linear_gelu_reference
 
+linear_gelu_module = importlib.import_module("kernels.linear_gelu")  # kernels.linear_gelu is the op
+
 # (x shape, N): the row shapes, N = 4 * K as in the GPT's MLP where that stays small enough for
 # the interpreter, and ragged tile edges in every dimension
 CASES = [((1, 1, 7), 28), ((3, 7, 384), 1536), ((2, 129, 1000), 200), ((4, 65, 768), 300)]
@@ -125,20 +127,20 @@ def test_compiles_fullgraph_through_the_custom_ops():
 @pytest.mark.slow
 def test_aot_compiles_every_configuration_for_sm90_and_sm80(aot_compile):
     rows = aot_compile("kernels.linear_gelu")
-    errors = [r for r in rows if "error" in r]
-    assert not errors, errors[:3]
+    aot.assert_clean(rows)
+    # every tuner candidate, with and without bias, for bf16 and fp32, and the backward, on both
+    expected = {(2 if dtype == "bf16" else 3) * len(configs) for dtype, configs in
+                (("bf16", linear_gelu_module._CONFIGS_16BIT), ("fp32", linear_gelu_module._CONFIGS_FP32))}
     for dtype in ("fp32", "bf16"):
         for arch in (90, 80):
-            found = {r["kernel"] for r in rows if (r["dtype"], r["arch"]) == (dtype, arch)}
-            assert found == {"_linear_gelu_fwd_kernel", "_linear_gelu_bwd_kernel"}, (dtype, arch)
-    assert all(r["shared"] <= r["shared_limit"] for r in rows)
-    assert not aot.spilling(rows), f"register spills: {aot.spilling(rows)}"
+            found = [r["kernel"] for r in rows if (r["dtype"], r["arch"]) == (dtype, arch)]
+            assert set(found) == {"_linear_gelu_fwd_kernel", "_linear_gelu_bwd_kernel"}, (dtype, arch)
+            assert found.count("_linear_gelu_fwd_kernel") in expected, (dtype, arch)
 
 
 def test_auto_backend_falls_back_to_the_reference_outside_the_kernel_limits(monkeypatch):
-    module = importlib.import_module("kernels.linear_gelu")
     problems = []
-    monkeypatch.setattr(module, "select",
+    monkeypatch.setattr(linear_gelu_module, "select",
                         lambda op, x, ref, tri, problem=None: problems.append(problem) or (lambda *args: None))
     x, w = torch.zeros(2, 8), torch.zeros(4, 8)
     kernels.linear_gelu(x, w)
