@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from fastgpt.model import MODELS, GPTConfig
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -102,7 +103,7 @@ class TrainConfig:
     lr_decay_iters: int = 5000  # step at which the cosine reaches min_lr
     min_lr: float = 1e-4  # floor of the learning rate
     device: str = "auto"  # auto (cuda if available), cpu, cuda, cuda:N
-    dtype: str = "auto"  # auto (bfloat16 autocast on CUDA, float32 on CPU), float32, bfloat16
+    dtype: str = "auto"  # auto (CUDA: bfloat16 autocast, float16 with loss scaling without bf16; else float32), float32, bfloat16, float16
     compile: bool | None = None  # torch.compile the model; None = on for CUDA, off on CPU (measured faster)
     compile_mode: str = "default"  # torch.compile mode; reduce-overhead and max-autotune use CUDA graphs
     reference: bool = False  # run every kernel as its PyTorch reference
@@ -153,8 +154,8 @@ class TrainConfig:
         if self.compile_mode not in COMPILE_MODES:
             raise UserError(f"--compile_mode must be one of {', '.join(COMPILE_MODES)}, "
                             f"got {self.compile_mode!r}")
-        if self.dtype not in ("auto", "float32", "bfloat16"):
-            raise UserError(f"--dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        if self.dtype not in DTYPES:
+            raise UserError(f"--dtype must be {', '.join(DTYPES[:-1])} or {DTYPES[-1]}, got {self.dtype!r}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 

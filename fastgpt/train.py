@@ -30,12 +30,13 @@ from fastgpt.distributed import World
 from fastgpt.model import GPTConfig, build_model
 from fastgpt.sample import complete
 
-# dense bf16 tensor-core peaks in FLOP/s, matched in this order against torch.cuda.get_device_name() (the
-# first key found in the name wins, so "H100 NVL" before "H100" and "L40S", "L40" before "L4")
+# dense 16-bit tensor-core peaks in FLOP/s (bf16; fp16 on the T4 and V100, which have no bf16), matched in
+# this order against torch.cuda.get_device_name() (the first key found in the name wins, so "H100 NVL"
+# before "H100" and "L40S", "L40" before "L4")
 PEAK_BF16_FLOPS = {
     "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12, "H200 NVL": 835e12, "H200": 989e12,
     "A100": 312e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12, "A10G": 70e12, "A10": 125e12,
-    "RTX 4090": 165e12, "RTX 3090": 71e12,
+    "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12,
 }
 
 
@@ -113,12 +114,27 @@ def kept_record(line: str, iter_num: int) -> bool:
         return False
 
 
+def resolve_dtype(flag: str, device: torch.device) -> str:
+    """The run's compute dtype: `auto` is bf16 autocast on a CUDA GPU that has bf16, fp16 autocast with a
+    loss scaler on one without (a T4, a V100), float32 elsewhere (nanoGPT's rule)."""
+    if flag != "auto":
+        if flag == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise UserError(f"--dtype=bfloat16 but {torch.cuda.get_device_name(device)} has no bf16: use "
+                            f"--dtype=float16 (or auto, which picks it)")
+        return flag
+    if device.type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "float32"
+
+
 def train_step(model, optimizer, batches: Batches, micro_steps: int, grad_clip: float,
-               autocast) -> tuple[torch.Tensor, torch.Tensor]:
+               autocast, scaler: torch.amp.GradScaler | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step over `micro_steps` micro-batches of this process.
 
     Under DistributedDataParallel the gradients are averaged across processes only after the last
-    micro-batch (`no_sync` covers the forward and backward of the others). Returns the step's mean
+    micro-batch (`no_sync` covers the forward and backward of the others). With a `scaler` (fp16) the
+    loss is scaled before the backward and the gradients unscaled before clipping; a step whose gradients
+    overflowed is skipped by the scaler (its gradient norm is then not finite). Returns the step's mean
     loss and the gradient norm before clipping, as device tensors: reading them is left to the
     caller, so the step itself never waits for the device.
     """
@@ -131,10 +147,16 @@ def train_step(model, optimizer, batches: Batches, micro_steps: int, grad_clip: 
                 _, loss = model(x, y)
                 loss = loss / micro_steps
             loss_sum += loss.detach().float()
-            loss.backward()
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+    if scaler is not None:
+        scaler.unscale_(optimizer)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
-    optimizer.step()
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss_sum, grad_norm
 
@@ -237,7 +259,9 @@ class Run:
     best_val: float = math.inf
     metrics: object = None  # metrics.jsonl, open on rank 0
     eval_generator: torch.Generator | None = None
-    nonfinite: torch.Tensor | None = None  # set by a step whose loss or gradient norm is not finite
+    nonfinite: torch.Tensor | None = None  # set by a step whose loss (or, without a scaler, gradient norm) is not finite
+    scaler: torch.amp.GradScaler | None = None  # fp16's loss scaler
+    skipped: torch.Tensor | None = None  # steps the scaler skipped for an overflow
     compile_seconds: float = 0.0
     eval_seconds: float = 0.0  # evaluation time, kept apart from training time
     clock_start: float = 0.0
@@ -313,13 +337,15 @@ def setup(cfg: TrainConfig, given: set[str], ckpt: dict | None, world: World) ->
     core = torch.compile(raw_model, mode=cfg.compile_mode) if use_compile else raw_model
     model = core if world.size == 1 else torch.nn.parallel.DistributedDataParallel(
         core, device_ids=[device.index] if device.type == "cuda" else None)
-    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    dtype = resolve_dtype(cfg.dtype, device)
+    autocast = torch.autocast(device.type, dtype=getattr(torch, dtype)) if dtype != "float32" else nullcontext()
     run = Run(cfg=cfg, world=world, log=make_log(world.master), out_dir=out_dir, dtype=dtype,
               use_compile=use_compile, corpus=corpus, train_batches=train_batches, val_batches=val_batches,
               model_config=model_config, raw_model=raw_model, core=core, model=model, optimizer=optimizer,
-              autocast=torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext(),
-              init_from=cfg.init_from if init is not None else "", eval_generator=torch.Generator(device=device),
-              nonfinite=torch.zeros((), dtype=torch.bool, device=device))
+              autocast=autocast, init_from=cfg.init_from if init is not None else "",
+              eval_generator=torch.Generator(device=device), nonfinite=torch.zeros((), dtype=torch.bool, device=device),
+              scaler=torch.amp.GradScaler(device.type) if dtype == "float16" else None,
+              skipped=torch.zeros((), dtype=torch.int64, device=device))
     if ckpt is not None:
         restore(run, ckpt)
     open_metrics(run)
@@ -338,6 +364,8 @@ def restore(run: Run, ckpt: dict) -> None:
     if run.device.type == "cuda" and rng["cuda"] is not None:
         torch.cuda.set_rng_state(rng["cuda"], run.device)
     run.train_batches.generator.set_state(rng["batches"])
+    if run.scaler is not None and ckpt.get("scaler"):
+        run.scaler.load_state_dict(ckpt["scaler"])
 
 
 def open_metrics(run: Run) -> None:
@@ -444,6 +472,7 @@ def save(run: Run, full: bool) -> None:
     if full:
         payload |= {
             "optimizer": run.optimizer.state_dict(), "train_config": dataclasses.asdict(run.cfg),
+            "scaler": run.scaler.state_dict() if run.scaler is not None else None,
             "rng": run.world.gather({
                 "device": run.device.type,
                 "torch": torch.get_rng_state(),
@@ -534,8 +563,12 @@ def loop(run: Run, stop: StopRequest) -> None:
             run.stopped = signal.Signals(signum or signal.SIGTERM)
             return
         loss_sum, grad_norm = train_step(run.model, run.optimizer, run.train_batches, micro_steps, cfg.grad_clip,
-                                         run.autocast)
-        run.nonfinite |= ~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
+                                         run.autocast, run.scaler)
+        if run.scaler is None:
+            run.nonfinite |= ~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
+        else:  # an overflowing gradient is a step the scaler skipped (and a lower scale), not a divergence
+            run.nonfinite |= ~torch.isfinite(loss_sum)
+            run.skipped += ~torch.isfinite(grad_norm)
         run.iter_num += 1
         if run.iter_num % cfg.log_interval == 0:
             log_step(run, lr, loss_sum, grad_norm)
@@ -547,7 +580,9 @@ def summarise(run: Run) -> None:
     synchronize(run.device)
     wall_seconds = time.perf_counter() - run.clock_start
     train_seconds = wall_seconds - run.eval_seconds
-    record(run, summary=True, device=str(run.device), dtype=run.dtype, compile=run.use_compile,
+    # every process skips the same steps (the gradients are all-reduced before the scaler looks at them)
+    skipped = int(run.skipped.item()) if run.scaler is not None else 0
+    record(run, summary=True, skipped_steps=skipped, device=str(run.device), dtype=run.dtype, compile=run.use_compile,
            reference=cfg.reference, iter=run.iter_num, best_val_loss=run.best_val, target_val_loss=cfg.target_val_loss,
            target_iter=run.target_iter, train_seconds=train_seconds, eval_seconds=run.eval_seconds,
            wall_seconds=wall_seconds, compile_seconds=run.compile_seconds,
@@ -559,6 +594,9 @@ def summarise(run: Run) -> None:
     run.log(f"{run.iter_num - run.start_iter} iterations in {train_seconds:.1f} s of training, "
             f"{run.eval_seconds:.1f} s of evaluation"
             + (f", after {run.compile_seconds:.1f} s of compilation" if run.use_compile else ""))
+    if run.scaler is not None:
+        run.log(f"fp16 loss scaling: {skipped} step(s) skipped for overflowing gradients, scale now "
+                f"{run.scaler.get_scale():g}")
     if cfg.target_val_loss is not None:
         run.log(f"val loss <= {cfg.target_val_loss} " + (
             f"reached at iter {run.target_iter} after {train_seconds:.1f} s of training" if run.target_iter is not None

@@ -49,10 +49,12 @@ def test_short_run_learns_and_writes_outputs(small_corpus, tmp_path, capsys):
     assert "best val loss" in text and "sample:" in text and "tokens/s" in text
 
 
-def test_resume_is_bit_exact(small_corpus, tmp_path):
-    """2N steps in one run == N steps, resume, N steps (CPU, fp32, dropout on)."""
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_resume_is_bit_exact(small_corpus, tmp_path, dtype):
+    """2N steps in one run == N steps, resume, N steps (CPU, dropout on; fp16 with its loss scaler, whose
+    state travels in ckpt.pt)."""
     common = [f"--data_file={small_corpus}", f"--data_dir={tmp_path}", *TINY, "--dropout=0.2",
-              "--eval_interval=10"]
+              "--eval_interval=10", f"--dtype={dtype}"]
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert train.main([*common, f"--out_dir={straight}", "--max_iters=24"]) == 0
     assert train.main([*common, f"--out_dir={split}", "--max_iters=12"]) == 0
@@ -65,6 +67,39 @@ def test_resume_is_bit_exact(small_corpus, tmp_path):
     a, b = load_checkpoint(straight / "ckpt.pt"), load_checkpoint(split / "ckpt.pt")
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), name
+    assert a["scaler"] == b["scaler"] and (a["scaler"] is None) == (dtype == "float32")
+    if dtype == "float16":
+        assert a["scaler"]["_growth_tracker"] == 24  # every step counted, across the resume
+
+
+def test_fp16_steps_the_scaler_skips_are_counted_not_a_divergence(small_corpus, tmp_path, monkeypatch, capsys):
+    """A loss scale far too large for fp16 makes the first steps' gradients overflow: the scaler skips
+    them and halves its scale, training goes on, and the summary counts the skipped steps."""
+    scaler = torch.amp.GradScaler
+    monkeypatch.setattr(torch.amp, "GradScaler", lambda *a, **k: scaler(*a, init_scale=2.0**40, **k))
+    out = tmp_path / "out"
+    assert train.main([f"--data_file={small_corpus}", f"--data_dir={tmp_path}", f"--out_dir={out}", *TINY,
+                       "--dtype=float16", "--max_iters=40", "--eval_interval=20", "--learning_rate=3e-3"]) == 0
+    summary = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert summary["dtype"] == "float16" and 1 <= summary["skipped_steps"] < 40
+    steps, evals = read_metrics(out)
+    assert evals[40] < evals[0] - 0.3  # the steps that were taken learned
+    text = capsys.readouterr().out
+    assert f"fp16 loss scaling: {summary['skipped_steps']} step(s) skipped for overflowing gradients" in text
+    assert load_checkpoint(out / "ckpt.pt")["scaler"]["scale"] < 2.0**40
+
+
+def test_dtype_auto_picks_per_device(monkeypatch):
+    cpu = torch.device("cpu")
+    assert train.resolve_dtype("auto", cpu) == "float32" and train.resolve_dtype("float16", cpu) == "float16"
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla T4")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert train.resolve_dtype("auto", cuda) == "float16"  # nanoGPT's rule: fp16 with a scaler
+    with pytest.raises(UserError, match="--dtype=bfloat16 but Tesla T4 has no bf16: use --dtype=float16"):
+        train.resolve_dtype("bfloat16", cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert train.resolve_dtype("auto", cuda) == "bfloat16" and train.resolve_dtype("float32", cuda) == "float32"
 
 
 def test_gradient_accumulation_matches_a_bigger_batch(small_corpus, tmp_path):
