@@ -170,7 +170,7 @@ def test_bad_flags_are_user_errors(argv, message):
     (["--attn_window=0"], r"--attn_window must be >= 1 or None, got 0"),
     (["--grad_clip=-1"], r"--grad_clip and --weight_decay must be >= 0"),
     (["--weight_decay=-0.1"], r"--grad_clip and --weight_decay must be >= 0"),
-    (["--dtype=float16"], r"--dtype must be auto, float32 or bfloat16, got 'float16'"),
+    (["--dtype=float8"], r"--dtype must be auto, float32, bfloat16 or float16, got 'float8'"),
     (["--device=tpu"], r"--device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
     (["--device=cuda:x"], r"--device must be auto, cpu, cuda or cuda:N"),
     (["--compile_mode=fast"], r"--compile_mode must be one of default, reduce-overhead, max-autotune, "
@@ -189,7 +189,8 @@ def test_nan_values_are_user_errors(argv):
 
 @pytest.mark.parametrize("argv", [["--device=cpu"], ["--device=cuda"], ["--device=cuda:1"], ["--attn_window=1"],
                                   ["--min_lr=0.001"], ["--min_lr=0"], ["--grad_clip=0"], ["--max_iters=0"],
-                                  ["--dropout=0.99"], ["--dtype=bfloat16"], ["--n_head=1", "--n_embd=7"]])
+                                  ["--dropout=0.99"], ["--dtype=bfloat16"], ["--dtype=float16"],
+                                  ["--n_head=1", "--n_embd=7"]])
 def test_edge_values_are_accepted(argv):
     parse_train_args(argv, cuda_available=False)
 
