@@ -298,6 +298,9 @@ def setup(cfg: TrainConfig, given: set[str], ckpt: dict | None, world: World) ->
     out_dir = Path(cfg.out_dir)
     if ckpt is not None:
         check_resumable(ckpt, world, out_dir / "ckpt.pt")
+    elif "gradient_accumulation_steps" not in given and world.size > 1:
+        # under torchrun, one micro-batch per process: the global batch is processes x batch_size
+        cfg = dataclasses.replace(cfg, gradient_accumulation_steps=world.size)
     if cfg.gradient_accumulation_steps % world.size:
         raise UserError(f"--gradient_accumulation_steps={cfg.gradient_accumulation_steps} is the global "
                         f"number of micro-batches and must be a multiple of the {world.size} processes")
@@ -393,8 +396,11 @@ def announce(run: Run) -> None:
     run.log(f"fastgpt: {cfg.model} model, {run.raw_model.get_num_params() / 1e6:.2f}M parameters, "
             f"{corpus.tokenizer.vocab_size} characters, {len(corpus.train):,} train / {len(corpus.val):,} val "
             f"tokens from {corpus.source}" + (f", weights from {run.init_from}" if run.init_from else ""))
+    steps = cfg.gradient_accumulation_steps
+    batch = (f"{steps} micro-batches of {cfg.batch_size} ({steps // world.size} per process)" if world.size > 1
+             else f"{steps} micro-batches of {cfg.batch_size}" if steps > 1 else f"batch {cfg.batch_size}")
     run.log(f"device {run.device}{f' x {world.size} processes' if world.size > 1 else ''}, {run.dtype}, compile "
-            f"{'on' if run.use_compile else 'off'}, kernels {'reference' if cfg.reference else 'auto'}, "
+            f"{'on' if run.use_compile else 'off'}, kernels {'reference' if cfg.reference else 'auto'}, {batch}, "
             f"{run.tokens_per_iter:,} tokens/iter" + (f", resuming at iter {run.iter_num}" if run.resumed else ""))
 
 

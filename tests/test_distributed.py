@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from fastgpt import train
 
@@ -91,6 +92,19 @@ def test_resume_with_another_world_size_is_a_one_line_error(runs, cli):
     assert result.returncode == 2
     (line,) = result.stderr.strip().splitlines()
     assert "written by 2 process(es)" in line and "--nproc-per-node=2" in line
+
+
+def test_without_accumulation_steps_each_process_takes_one_micro_batch(corpus):
+    """`torchrun --nproc-per-node=2 -m fastgpt.train` with no --gradient_accumulation_steps just works: two
+    micro-batches a step, one per process (the global batch is 2 x batch_size), and the start says so."""
+    flags = [f for f in FLAGS if not f.startswith("--gradient_accumulation_steps")]
+    result = torchrun("-m", "fastgpt.train", f"--data_file={corpus / 'corpus.txt'}", f"--data_dir={corpus}",
+                      *flags, f"--out_dir={corpus / 'default'}", "--max_iters=4")
+    assert result.returncode == 0, result.stderr
+    assert "device cpu x 2 processes" in result.stdout and "2 micro-batches of 4 (1 per process)" in result.stdout
+    assert "128 tokens/iter" in result.stdout  # 2 x 4 sequences x 16 tokens
+    ckpt = torch.load(corpus / "default" / "ckpt.pt", weights_only=True)
+    assert ckpt["train_config"]["gradient_accumulation_steps"] == 2  # and a resume keeps it
 
 
 def test_accumulation_steps_must_divide_among_the_processes(corpus):
