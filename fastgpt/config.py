@@ -102,7 +102,7 @@ class TrainConfig:
     warmup_iters: int = 100  # linear warmup steps
     lr_decay_iters: int = 5000  # step at which the cosine reaches min_lr
     min_lr: float = 1e-4  # floor of the learning rate
-    device: str = "auto"  # auto (cuda if available), cpu, cuda, cuda:N
+    device: str = "auto"  # auto (cuda, else mps, else cpu), cpu, mps, cuda, cuda:N
     dtype: str = "auto"  # auto (CUDA: bfloat16 autocast, float16 with loss scaling without bf16; else float32), float32, bfloat16, float16
     compile: bool | None = None  # torch.compile the model; None = on for CUDA, off on CPU (measured faster)
     compile_mode: str = "default"  # torch.compile mode; reduce-overhead and max-autotune use CUDA graphs
@@ -156,8 +156,8 @@ class TrainConfig:
                             f"got {self.compile_mode!r}")
         if self.dtype not in DTYPES:
             raise UserError(f"--dtype must be {', '.join(DTYPES[:-1])} or {DTYPES[-1]}, got {self.dtype!r}")
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
-            raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            raise UserError(f"--device must be auto, cpu, mps, cuda or cuda:N, got {self.device!r}")
 
 
 PRESETS: dict[str, TrainConfig] = {

@@ -64,10 +64,18 @@ class World:
         return out
 
 
+def mps_available() -> bool:
+    return hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
+
+
 def resolve_device(name: str) -> torch.device:
+    """--device as a torch.device: `auto` is CUDA, else Apple's MPS, else the CPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps_available() else "cpu")
     device = torch.device(name)
+    if device.type == "mps" and not mps_available():
+        raise UserError(f"--device={name} but MPS (Apple's GPU backend) is not available here: it needs an "
+                        f"Apple-silicon Mac and a torch built with MPS; use --device=cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device={name} but CUDA is not available here: use --device=cpu")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
@@ -88,6 +96,8 @@ def init(device_flag: str) -> World:
         world = World(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
     except ValueError:
         raise UserError("RANK, LOCAL_RANK and WORLD_SIZE must be integers: launch with torchrun") from None
+    if device_flag == "mps":
+        raise UserError("torchrun with --device=mps: MPS runs one process; train without torchrun")
     use_cuda = device_flag.startswith("cuda") or (device_flag == "auto" and torch.cuda.is_available())
     if use_cuda:
         if not torch.cuda.is_available():

@@ -31,7 +31,7 @@ class SampleConfig:
     top_k: int = 0  # sample among the k most likely characters only; 0 = all
     seed: int = 1337  # seeds the sampling generator
     kv_cache: bool = True  # reuse keys and values of earlier positions
-    device: str = "auto"  # auto (cuda if available), cpu, cuda, cuda:N
+    device: str = "auto"  # auto (cuda, else mps, else cpu), cpu, mps, cuda, cuda:N
     reference: bool = False  # run every kernel as its PyTorch reference
 
 

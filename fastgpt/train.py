@@ -364,8 +364,7 @@ def restore(run: Run, ckpt: dict) -> None:
     run.resumed = True
     rng = ckpt["rng"][run.world.rank]
     torch.set_rng_state(rng["torch"])
-    if run.device.type == "cuda" and rng["cuda"] is not None:
-        torch.cuda.set_rng_state(rng["cuda"], run.device)
+    set_device_rng_state(run.device, rng.get(run.device.type) if run.device.type != "cpu" else None)
     run.train_batches.generator.set_state(rng["batches"])
     if run.scaler is not None and ckpt.get("scaler"):
         run.scaler.load_state_dict(ckpt["scaler"])
@@ -407,20 +406,39 @@ def announce(run: Run) -> None:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def device_rng_state(device: torch.device) -> torch.Tensor | None:
+    """The RNG state of the device's own generator (dropout draws from it): CUDA's or MPS's; None on the CPU,
+    whose state is torch.get_rng_state()."""
+    if device.type == "cuda":
+        return torch.cuda.get_rng_state(device)
+    if device.type == "mps":
+        return torch.mps.get_rng_state()
+    return None
+
+
+def set_device_rng_state(device: torch.device, state: torch.Tensor | None) -> None:
+    if state is None:
+        return
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    elif device.type == "mps":
+        torch.mps.set_rng_state(state)
 
 
 @contextlib.contextmanager
 def throwaway_batch(run: Run) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """A training batch from a generator of its own, for work that must leave the run as it was: torch's
     and CUDA's RNG states are restored afterwards (dropout draws from them)."""
-    cuda = run.device.type == "cuda"
-    rng = torch.get_rng_state(), torch.cuda.get_rng_state(run.device) if cuda else None
+    rng = torch.get_rng_state(), device_rng_state(run.device)
     try:
         yield run.train_batches.next(torch.Generator(device=run.device).manual_seed(0))
     finally:
         torch.set_rng_state(rng[0])
-        if cuda:
-            torch.cuda.set_rng_state(rng[1], run.device)
+        set_device_rng_state(run.device, rng[1])
 
 
 def say_fallbacks(run: Run) -> None:
@@ -482,7 +500,8 @@ def save(run: Run, full: bool) -> None:
             "rng": run.world.gather({
                 "device": run.device.type,
                 "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None,
+                "cuda": device_rng_state(run.device) if run.device.type == "cuda" else None,
+                "mps": device_rng_state(run.device) if run.device.type == "mps" else None,
                 "batches": run.train_batches.generator.get_state(),
             }),
         }

@@ -171,8 +171,8 @@ def test_bad_flags_are_user_errors(argv, message):
     (["--grad_clip=-1"], r"--grad_clip and --weight_decay must be >= 0"),
     (["--weight_decay=-0.1"], r"--grad_clip and --weight_decay must be >= 0"),
     (["--dtype=float8"], r"--dtype must be auto, float32, bfloat16 or float16, got 'float8'"),
-    (["--device=tpu"], r"--device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
-    (["--device=cuda:x"], r"--device must be auto, cpu, cuda or cuda:N"),
+    (["--device=tpu"], r"--device must be auto, cpu, mps, cuda or cuda:N, got 'tpu'"),
+    (["--device=cuda:x"], r"--device must be auto, cpu, mps, cuda or cuda:N"),
     (["--compile_mode=fast"], r"--compile_mode must be one of default, reduce-overhead, max-autotune, "
                               r"max-autotune-no-cudagraphs, got 'fast'"),
 ])
