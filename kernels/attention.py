@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 
 from kernels.backend import select
-from kernels.core import aot_spec, tensor_problem
+from kernels.core import aot_spec, arch_of, tensor_problem
 
 
 def causal_mask(tq: int, tk: int, window: int | None, device: torch.device) -> torch.Tensor:
@@ -474,9 +474,10 @@ MAX_BATCH_HEADS = 65535
 DECODE_ROWS = 16  # Tq up to this without dropout (KV-cached generation): 16-row query tiles
 
 
-def _tiles(head_dim: int, dtype: torch.dtype, decode: bool = False) -> dict[str, tuple[int, int, int, int]]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of each kernel for this head_dim and dtype; `decode`:
-    the forward of a generation step (Tq <= DECODE_ROWS, no dropout).
+def _tiles(head_dim: int, dtype: torch.dtype, decode: bool = False, arch: int | None = 90
+           ) -> dict[str, tuple[int, int, int, int]]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of each kernel for this head_dim and dtype on a GPU of
+    compute capability `arch`; `decode`: the forward of a generation step (Tq <= DECODE_ROWS, no dropout).
 
     16-bit, as FlashAttention-2 and the Triton tutorial tile it: the forward streams 64-key tiles past
     128-query tiles (8 warps, 3-stage K/V pipeline); dK/dV streams 32-query tiles past 128 keys and dQ
@@ -485,17 +486,28 @@ def _tiles(head_dim: int, dtype: torch.dtype, decode: bool = False) -> dict[str,
     (Tq <= 16 queries) runs the forward with 16-query tiles instead of wasting 7/8 of a 128-row tile.
     fp32 inputs (exact "ieee" products on CUDA cores, no tensor cores) take 32 x 32 tiles.
     These are the tiles that compile without register spills at head_dim 32 and 64 (the presets') on
-    sm_90 and sm_80 (`aot_specs`, tests/aot.py); they are not tuned on a GPU.
+    sm_90 and sm_80 (`aot_specs`, tests/aot.py); they are not tuned on a GPU. Other generations, as
+    tests/aot.py compiles them: before sm_80 (a T4, a V100) those tiles spill kilobytes and overflow a
+    T4's 64 KiB of shared memory, so 16-bit inputs take 32 x 32 to 64 x 32 tiles in a 2-stage pipeline
+    there (8 warps from head_dim 64); on sm_100 (a B200) the 8-warp dK/dV tile with dropout spills in a
+    3-stage pipeline, so it takes 2, and the delta preprocess takes 32-row tiles.
     """
     warps = 8 if head_dim == 128 else 4
     if dtype == torch.float32:
         fwd = (16 if decode else 32, 32, warps, 2)
         return {"fwd": fwd, "preprocess": (64, 0, 4, 1), "dkdv": (32, 32, warps, 2), "dq": (32, 32, warps, 2)}
+    if arch is not None and arch < 80:
+        warps = 8 if head_dim >= 64 else 4
+        return {"fwd": (16, 32, 4, 2) if decode else (64, 32, warps, 2), "preprocess": (64, 0, 4, 1),
+                "dkdv": (32, 32, warps, 2), "dq": (32, 32, warps, 2)}
     if head_dim == 128:
         fwd, dkdv, dq = (128, 32, 8, 3), (32, 64, 8, 3), (64, 32, 8, 3)
     else:
         fwd, dkdv, dq = (128, 64, 8, 3), (32, 128, 8, 3), (128, 32, 8, 3)
-    return {"fwd": (16, 64, 4, 3) if decode else fwd, "preprocess": (64, 0, 4, 1), "dkdv": dkdv, "dq": dq}
+    tiles = {"fwd": (16, 64, 4, 3) if decode else fwd, "preprocess": (64, 0, 4, 1), "dkdv": dkdv, "dq": dq}
+    if arch is not None and arch >= 100:
+        tiles["dkdv"], tiles["preprocess"] = (*dkdv[:3], 2), (32, 0, 4, 1)
+    return tiles
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -558,7 +570,7 @@ def _forward(q, k, v, seed, dropout_p, window):
     if out.numel() == 0:
         return out, lse
     decode = tq <= DECODE_ROWS and dropout_p == 0
-    block_m, block_n, num_warps, num_stages = _tiles(d, q.dtype, decode)["fwd"]
+    block_m, block_n, num_warps, num_stages = _tiles(d, q.dtype, decode, arch_of(q))["fwd"]
     _attention_fwd_kernel[(triton.cdiv(tq, block_m), b * h)](
         q, k, v, out, lse, _seed_arg(seed, q),
         *_strides(q), *_strides(k), *_strides(v), *_strides(out),
@@ -577,7 +589,7 @@ def _backward(dout, q, k, v, out, lse, seed, dropout_p, window):
     dq, dk, dv = _empty_bthd(q, tq), _empty_bthd(k, tk), _empty_bthd(v, tk)
     if b * h * tq == 0:
         return dq, dk.zero_(), dv.zero_()
-    tiles = _tiles(d, q.dtype)
+    tiles = _tiles(d, q.dtype, arch=arch_of(q))
     delta = torch.empty_like(lse)
     block_m, _, num_warps, num_stages = tiles["preprocess"]
     _attention_bwd_preprocess_kernel[(triton.cdiv(tq, block_m), b * h)](
@@ -616,29 +628,32 @@ def _aot_spec(fn, dtype: str, constexprs: dict, tile: tuple[int, int, int, int],
     return aot_spec(fn, {**tensors, **scalars}, constexprs, num_warps, num_stages, {"dtype": dtype, **tags})
 
 
-def aot_specs():
-    """Every configuration the launchers may compile for 16-bit inputs (what training and sampling on a
-    GPU use): head_dim 16..128 x fp16/bf16, with and without dropout; the forward also with decoding
-    tiles (no dropout, for a generation step). The sizes (H, Tq, Tk, window) are not specialised. The fp32
+def aot_specs(arch: int = 90):
+    """Every configuration the launchers may compile on a GPU of compute capability `arch` for 16-bit
+    inputs (what training and sampling on a GPU use): head_dim 16..128 x fp16/bf16, with and without
+    dropout; the forward also with decoding tiles (no dropout, for a generation step); the presets' head
+    dims (32, 64) tagged `preset`. The sizes (H, Tq, Tk, window) are not specialised. The fp32
     tiles (tests' accuracy path) are left out to keep the test suite's compile time down: compiled once,
     they build for sm_90 and sm_80 but spill registers on sm_90 at head_dim 64 (dK/dV, 16-24 bytes) and
     128 (up to 344 bytes)."""
     for d in HEAD_DIMS:
         for dtype, name in ((torch.float16, "fp16"), (torch.bfloat16, "bf16")):
-            train, decode = _tiles(d, dtype), _tiles(d, dtype, decode=True)
+            train, decode = _tiles(d, dtype, arch=arch), _tiles(d, dtype, decode=True, arch=arch)
             common = {"HEAD_DIM": d, "PRECISION": _precision(dtype)}
+            preset = d in (32, 64)
             for dropout in (False, True):
-                tags = {"head_dim": d, "dropout": dropout}
+                tags = {"head_dim": d, "dropout": dropout, "preset": preset}
                 flags = {**common, "DROPOUT": dropout}
                 yield _aot_spec(_attention_fwd_kernel, name, flags, train["fwd"], {**tags, "regime": "train"})
                 for part in ("dkdv", "dq"):
                     yield _aot_spec(_attention_bwd_kernel, name, {**flags, "DQ_PART": part == "dq"}, train[part],
                                     {**tags, "part": part})
             yield _aot_spec(_attention_fwd_kernel, name, {**common, "DROPOUT": False}, decode["fwd"],
-                            {"head_dim": d, "dropout": False, "regime": "decode"})
+                            {"head_dim": d, "dropout": False, "regime": "decode", "preset": preset})
             yield _aot_spec(_attention_bwd_preprocess_kernel, name, {"HEAD_DIM": d}, train["preprocess"],
-                            {"head_dim": d})
-    yield _aot_spec(_attention_dropout_mask_kernel, "i8", {}, (64, 64, 4, 1), {"head_dim": 0, "debug": True})
+                            {"head_dim": d, "preset": preset})
+    yield _aot_spec(_attention_dropout_mask_kernel, "i8", {}, (64, 64, 4, 1),
+                    {"head_dim": 0, "debug": True, "preset": False})
 
 
 # ---------------------------------------------------------------------------------------------------

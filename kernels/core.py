@@ -6,6 +6,36 @@ from __future__ import annotations
 
 import torch
 
+# Shared memory one block may use (the opt-in maximum), bytes, by compute capability: what limits a
+# kernel's tiles and pipeline stages on each GPU generation (T4, V100, A100, RTX 30xx/A10, Jetson Orin,
+# L4/RTX 40xx, H100/H200, B200, RTX 50xx)
+SHARED_MEMORY = {75: 64 * 1024, 70: 96 * 1024, 80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024,
+                 90: 227 * 1024, 100: 227 * 1024, 120: 99 * 1024}
+
+
+def shared_memory(arch: int | None) -> int:
+    """SHARED_MEMORY of a compute capability (10 * major + minor); an unlisted one gets the nearest listed
+    below it (48 KiB below them all); None (the interpreter) has no limit that matters."""
+    if arch is None:
+        return 1 << 30
+    known = [a for a in SHARED_MEMORY if a <= arch]
+    return SHARED_MEMORY[max(known)] if known else 48 * 1024
+
+
+_archs: dict[int, int] = {}
+
+
+def arch_of(x: torch.Tensor) -> int | None:
+    """The compute capability of x's GPU as one number (sm_90 -> 90), or None off CUDA."""
+    if not x.is_cuda:
+        return None
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    if index not in _archs:
+        major, minor = torch.cuda.get_device_capability(index)
+        _archs[index] = 10 * major + minor
+    return _archs[index]
+
+
 # the dtypes the Triton kernels take, with Triton's names for them (signatures of ahead-of-time specs)
 TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 

@@ -236,19 +236,25 @@ def _backward(dy, x, weight, has_bias, mean, rstd, dh):
     return dx, dweight, dbias
 
 
-def aot_specs():
-    """Every configuration the launchers may compile for n_embd from 64 to MAX_N (one width per row tile:
+def aot_specs(arch: int = 90):
+    """Every configuration the launchers may compile (on any `arch`: a row tile's shared memory is small)
+    for n_embd from 64 to MAX_N (one width per row tile:
     64, 128, 256, 384 -> 512, 768 -> 1024, 1600 -> 2048, 4096), with and without bias and residual, in fp32
     and in bf16 as autocast runs it (fp32 residual stream and weights, bf16 branch outputs and normalised
-    rows), with the argument types the launchers pass and the divisibility the JIT sees at the presets'
+    rows; fp16 likewise at the presets' widths, tagged `preset` with bf16's), with the argument types the launchers pass and the divisibility the JIT sees at the presets'
     shapes (widths multiples of 16; row counts are not specialised)."""
     dtypes = {"fp32": dict(x="fp32", r="fp32", w="fp32", y="fp32"),
-              "bf16": dict(x="fp32", r="bf16", w="fp32", y="bf16")}
+              "bf16": dict(x="fp32", r="bf16", w="fp32", y="bf16"),
+              "fp16": dict(x="fp32", r="fp16", w="fp32", y="fp16")}
     for n in (64, 128, 256, 384, 768, 1600, MAX_N):
         for tag, t in dtypes.items():
             for residual in (False, True):
                 for has_bias in (False, True):
-                    tags = {"n_embd": n, "dtype": tag, "residual": residual, "bias": has_bias}
+                    preset = n in (128, 384) and not has_bias  # the cpu and shakespeare_char presets
+                    if tag == "fp16" and not preset:
+                        continue  # fp16 autocast (GPUs without bf16): at the presets' shapes only
+                    tags = {"n_embd": n, "dtype": tag, "residual": residual, "bias": has_bias,
+                            "preset": preset and tag != "fp32"}
                     # without a residual the launchers pass x for R, y for H and dy for DH (unused)
                     r, h, dh = (t["r"], t["x"], t["x"]) if residual else (t["x"], t["y"], t["y"])
                     fwd = {"X": f"*{t['x']}", "R": f"*{r}", "H": f"*{h}", "Y": f"*{t['y']}", "W": f"*{t['w']}",

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from kernels.backend import select
-from kernels.core import aot_spec, autocast_dtype, tensor_problem
+from kernels.core import aot_spec, arch_of, autocast_dtype, shared_memory, tensor_problem
 from kernels.tuning import Tuner, kernel_source
 
 
@@ -151,6 +151,28 @@ _BWD_WARPS = 4
 _TUNER = Tuner("linear_gelu_fwd", kernel_source(_linear_gelu_fwd_kernel))
 
 
+# Before sm_80 (a T4, a V100) every 16-bit tile above spills registers (hundreds of bytes to kilobytes, as
+# tests/aot.py compiles them for sm_75) and the three largest overflow a T4's 64 KiB of shared memory:
+# these compile clean there.
+_CONFIGS_TURING = (
+    (64, 64, 32, 8, 2),
+    (32, 64, 32, 4, 2),
+    (64, 32, 32, 4, 2),
+)
+
+
+def _candidates(element_size: int, arch: int | None) -> tuple[tuple[int, int, int, int, int], ...]:
+    """The tuner's candidates on a GPU of compute capability `arch` (None: the interpreter), those that fit
+    its block's shared memory: a tile keeps (stages - 1) x and weight slices of BLOCK_K in flight,
+    (BLOCK_M + BLOCK_N) x BLOCK_K elements each (the compiled figure on sm_80; tests/aot.py checks every
+    architecture's). If none fitted, the smallest would be taken."""
+    configs = _CONFIGS_16BIT if element_size == 2 else _CONFIGS_FP32
+    if element_size == 2 and arch is not None and arch < 80:
+        configs = _CONFIGS_TURING
+    fits = tuple(c for c in configs if (c[0] + c[1]) * c[2] * element_size * max(c[4] - 1, 1) <= shared_memory(arch))
+    return fits or configs[-1:]
+
+
 def _input_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         return "ieee"
@@ -178,7 +200,7 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if x.is_cuda:
         # one tuning per power of two of M: generation without the KV cache grows M by a row per token
         key = (triton.next_power_of_2(m), n, k, str(x.dtype), flags["HAS_BIAS"], flags["INPUT_PRECISION"])
-        launch(_TUNER.pick(key, _CONFIGS_16BIT if x.element_size() == 2 else _CONFIGS_FP32, launch))
+        launch(_TUNER.pick(key, _candidates(x.element_size(), arch_of(x)), launch))
     else:
         launch(_INTERPRETER_CONFIG)
     return y, z
@@ -201,26 +223,28 @@ def _problem(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
                           any_dtype=autocast_dtype(x) is not None)
 
 
-def aot_specs():
-    """Every configuration the launchers may compile on a GPU: each tuner candidate, with and without
-    bias, for bf16 and fp32 (TF32 and IEEE), and the elementwise backward. n_embd does not enter the
+def aot_specs(arch: int = 90):
+    """Every configuration the launchers may compile on a GPU of compute capability `arch`: each tuner
+    candidate that fits it, with and without bias, for bf16 and fp32 (TF32 and IEEE), and fp16 without
+    bias (the presets' under fp16 autocast, tagged `preset` with bf16's), and the elementwise backward. n_embd does not enter the
     compiled code (M, N and K are runtime arguments), so one compilation covers n_embd 128..4096; the JIT
     specialises unit strides (contiguous rows) and sizes and strides that are multiples of 16, as they
     are for every n_embd in that range."""
-    variants = [("bf16", "tf32", _CONFIGS_16BIT, (False, True)), ("fp32", "tf32", _CONFIGS_FP32, (False, True)),
-                ("fp32", "ieee", _CONFIGS_FP32, (False,))]
-    for dtype, precision, configs, biases in variants:
+    variants = [("bf16", "tf32", 2, (False, True)), ("fp16", "tf32", 2, (False,)), ("fp32", "tf32", 4, (False, True)),
+                ("fp32", "ieee", 4, (False,))]
+    for dtype, precision, element_size, biases in variants:
         types = {name: f"*{dtype}" for name in ("X", "W", "B", "Y", "Z")}
-        for bm, bn, bk, w, s in configs:
+        for bm, bn, bk, w, s in _candidates(element_size, arch):
             for has_bias in biases:
                 constexprs = {"stride_xk": 1, "stride_wk": 1, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
                               "GROUP_M": _GROUP_M, "HAS_BIAS": has_bias, "INPUT_PRECISION": precision}
                 divisible = ["M", "N", "K", "stride_xm", "stride_wn", "stride_ym", "stride_zm"]
-                yield aot_spec(_linear_gelu_fwd_kernel, types, constexprs, w, s,
-                               {"dtype": dtype, "bias": has_bias, "precision": precision}, divisible)
-    for dtype in ("bf16", "fp32"):
+                tags = {"dtype": dtype, "bias": has_bias, "precision": precision,
+                        "preset": element_size == 2 and not has_bias}
+                yield aot_spec(_linear_gelu_fwd_kernel, types, constexprs, w, s, tags, divisible)
+    for dtype in ("bf16", "fp16", "fp32"):
         yield aot_spec(_linear_gelu_bwd_kernel, {name: f"*{dtype}" for name in ("DY", "Z", "DZ")},
-                       {"BLOCK": _BWD_BLOCK}, _BWD_WARPS, 1, {"dtype": dtype}, ["numel"])
+                       {"BLOCK": _BWD_BLOCK}, _BWD_WARPS, 1, {"dtype": dtype, "preset": dtype != "fp32"}, ["numel"])
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -6,8 +6,8 @@ Each kernel module lists, in `aot_specs()`, every configuration its launchers or
 dicts with `fn` (the @triton.jit kernel), `signature` (argument name -> Triton type, "constexpr" for
 compile-time arguments, which is also how the JIT passes integer arguments equal to 1), `constexprs`,
 `num_warps`, `num_stages`, optionally `divisible` (integer arguments the JIT would see as multiples of
-16) and free-form `tags` (n_embd, dtype, ...). Every spec is compiled for sm_90 (H100) and sm_80
-(A100) and reported with its shared memory and the registers, stack and local memory (spills) that
+16) and free-form `tags` (n_embd, dtype, preset, ...). Every spec is compiled for sm_90 (H100) and sm_80
+(A100), the presets' also for sm_75, sm_86, sm_89 and sm_100 (FULL_ARCHS, PRESET_ARCHS), and reported with its shared memory and the registers, stack and local memory (spills) that
 `cuobjdump --dump-resource-usage` reads off the cubin. It runs as a subprocess because the Triton interpreter, which the tests switch on when there is
 no GPU, replaces the kernels with objects that cannot be compiled.
 """
@@ -24,9 +24,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-ARCHS = (90, 80)
-# Shared memory one block may use (opt-in maximum), bytes: sm_90 228 KiB - 1 KiB, sm_80 164 KiB - 1 KiB.
-SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
+# Every configuration for the H100/H200 and the A100; the presets' for the T4 (sm_75, fp16: it has no
+# bf16), the RTX 30xx/A10 (sm_86), the L4/RTX 40xx (sm_89) and the B200 (sm_100), in bf16, which keeps the
+# suite's compile time in check. Each module's aot_specs(arch) is what its launchers pick on that arch.
+FULL_ARCHS = (90, 80)
+PRESET_ARCHS = {75: "fp16", 86: "bf16", 89: "bf16", 100: "bf16"}
+ARCHS = (*FULL_ARCHS, *PRESET_ARCHS)
 # ptxas sometimes parks a single 64-bit value in local memory while registers are to spare (seen at 64
 # and 168 of 255 registers), and which kernels it does it for changes between Triton releases (3.6 and 3.9
 # differ here): one cached load per loop, not register pressure. More than that is a spill.
@@ -36,6 +39,12 @@ INCIDENTAL_SPILL_BYTES = 8
 def spilling(rows: list[dict]) -> list[dict]:
     """The compiled configurations that spill registers (beyond ptxas' incidental 8 bytes)."""
     return [r for r in rows if r.get("spills", 0) > INCIDENTAL_SPILL_BYTES]
+
+
+def wanted(tags: dict, arch: int) -> bool:
+    """Whether a spec is compiled for `arch`: all of them for FULL_ARCHS, the presets' in the arch's
+    autocast dtype for the others."""
+    return arch in FULL_ARCHS or (tags.get("preset", False) and tags.get("dtype") == PRESET_ARCHS[arch])
 
 
 def assert_clean(rows: list[dict]) -> None:
@@ -63,6 +72,8 @@ def resource_usage(cubin: bytes) -> dict:
 
 def compile_spec(spec: dict, arch: int) -> dict:
     import triton
+
+    from kernels.core import shared_memory
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -79,7 +90,7 @@ def compile_spec(spec: dict, arch: int) -> dict:
         "kernel": spec["fn"].__name__, "arch": arch, **spec["tags"],
         "num_warps": spec["num_warps"], "num_stages": spec["num_stages"],
         "constexprs": {k: v for k, v in spec["constexprs"].items() if not isinstance(v, bool) or v},
-        "shared": compiled.metadata.shared, "shared_limit": SHARED_LIMIT[arch],
+        "shared": compiled.metadata.shared, "shared_limit": shared_memory(arch),
         "regs": usage.get("reg", 0), "spills": usage.get("stack", 0) + usage.get("local", 0),
     }
 
@@ -102,8 +113,9 @@ def main(modules: list[str]) -> None:
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns when it is unset
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     for name in modules:
-        for spec in importlib.import_module(name).aot_specs():
-            _jobs.extend((name, spec, arch) for arch in ARCHS)
+        module = importlib.import_module(name)
+        for arch in ARCHS:
+            _jobs.extend((name, spec, arch) for spec in module.aot_specs(arch) if wanted(spec["tags"], arch))
     # compilation is CPU-bound and independent per job: one worker per core
     with multiprocessing.get_context("fork").Pool(os.cpu_count()) as pool:
         for row in pool.imap(_compile_job, range(len(_jobs))):

@@ -359,6 +359,26 @@ def test_aot(aot_compile):
             for d in HEAD_DIMS:
                 for dtype in ("fp16", "bf16"):
                     assert (kernel, arch, d, dtype) in kinds and (kernel, arch, d, dtype, part) in parts
+    for arch, dtype in aot.PRESET_ARCHS.items():  # the presets' head dims on the other architectures
+        assert {(r["head_dim"], r.get("part"), r.get("regime")) for r in rows if (r["arch"], r["dtype"]) == (arch, dtype)
+                } == {(d, part, regime) for d in (32, 64) for part, regime in
+                      ((None, "train"), (None, "decode"), ("dkdv", None), ("dq", None), (None, None))}, arch
+
+
+def test_each_gpu_generation_gets_tiles_that_compile_clean_there():
+    """Before sm_80 (a T4: 64 KiB of shared memory) the sm_80/sm_90 tiles spill kilobytes of registers and
+    overflow shared memory: 16-bit inputs take small 2-stage tiles there; on sm_100 the dK/dV pipeline is
+    2 stages. tests/aot.py compiles what the launcher picks on each architecture (test_aot)."""
+    for d in HEAD_DIMS:
+        for decode in (False, True):
+            hopper = attention._tiles(d, torch.bfloat16, decode, 90)
+            assert attention._tiles(d, torch.bfloat16, decode, 80) == attention._tiles(d, torch.bfloat16, decode, 86)
+            turing = attention._tiles(d, torch.float16, decode, 75)
+            assert all(m * n <= 64 * 32 and stages == 2 for name, (m, n, _, stages) in turing.items()
+                       if name != "preprocess")
+            blackwell = attention._tiles(d, torch.bfloat16, decode, 100)
+            assert blackwell["dkdv"] == (*hopper["dkdv"][:3], 2) and blackwell["fwd"] == hopper["fwd"]
+    assert attention._tiles(64, torch.float32, False, 75) == attention._tiles(64, torch.float32, False, 90)
 
 
 def test_auto_backend_falls_back_to_the_reference_outside_the_kernel_limits(monkeypatch):

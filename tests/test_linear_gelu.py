@@ -136,6 +136,24 @@ def test_aot_compiles_every_configuration_for_sm90_and_sm80(aot_compile):
             found = [r["kernel"] for r in rows if (r["dtype"], r["arch"]) == (dtype, arch)]
             assert set(found) == {"_linear_gelu_fwd_kernel", "_linear_gelu_bwd_kernel"}, (dtype, arch)
             assert found.count("_linear_gelu_fwd_kernel") in expected, (dtype, arch)
+    # on every other architecture, each candidate the tuner may time there, in the presets' dtype
+    for arch, dtype in aot.PRESET_ARCHS.items():
+        tiles = {(r["constexprs"]["BLOCK_M"], r["constexprs"]["BLOCK_N"], r["constexprs"]["BLOCK_K"], r["num_warps"],
+                  r["num_stages"]) for r in rows if (r["arch"], r["dtype"], r["kernel"]) ==
+                 (arch, dtype, "_linear_gelu_fwd_kernel")}
+        assert tiles == set(linear_gelu_module._candidates(2, arch)), arch
+
+
+def test_a_tile_that_does_not_fit_a_gpu_is_never_timed_there():
+    """Before sm_80 the 16-bit tiles are Turing's own (the others spill registers there, and the three
+    largest, 72-96 KiB as compiled, overflow a T4's 64 KiB of shared memory); an A100, an RTX 3090
+    (99 KiB), an H100 and a B200 take every 16-bit candidate."""
+    everything = linear_gelu_module._CONFIGS_16BIT
+    assert linear_gelu_module._candidates(2, 75) == linear_gelu_module._CONFIGS_TURING
+    for arch in (80, 86, 89, 90, 100):
+        assert linear_gelu_module._candidates(2, arch) == everything
+    # the estimate is the compiled figure on sm_80 (tests/aot.py): fp32's largest tile is exactly 64 KiB
+    assert linear_gelu_module._candidates(4, 75) == linear_gelu_module._CONFIGS_FP32
 
 
 def test_auto_backend_falls_back_to_the_reference_outside_the_kernel_limits(monkeypatch):
