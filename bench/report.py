@@ -369,10 +369,12 @@ def main(argv: list[str] | None = None) -> int:
               "commands": (earlier or {}).get("commands", []) + [command],
               "phases": dict((earlier or {}).get("phases", {}))}
     earlier_log = Path(args.merge).with_suffix(".log") if args.merge else None
+    earlier_text = earlier_log.read_text() if earlier_log is not None and earlier_log.is_file() else ""
     failed = False
     with tempfile.TemporaryDirectory(prefix="fastgpt-report-") as tmp, open(f"{stem}.log", "w") as log:
-        if earlier_log is not None and earlier_log.is_file() and earlier_log.resolve() != Path(f"{stem}.log").resolve():
-            log.write(earlier_log.read_text())
+        log.write(earlier_text)  # read first: the earlier report may be this one's own file
+        log.write(f"# call {len(report['commands'])}: {command}\n")
+        log.flush()
         phases = Phases(args, Path(tmp), log, subprocess_env(args), data_file)
         write(report, stem)
         for name in [p for p in PHASES if p in args.phases]:

@@ -82,6 +82,18 @@ def test_a_report_made_over_several_commands_keeps_every_phase(tmp_path):
     assert "was measured with device 'NVIDIA H200'" in proc.stderr
 
 
+def test_a_report_merged_into_its_own_file_keeps_its_log(tmp_path):
+    out = tmp_path / "out"
+    common = ["--device=cpu", "--budget_s=60", f"--out={out}", f"--cache_dir={tmp_path / 'cache'}",
+              "--phases=kernel_tests"]
+    assert run_module("bench.report", *common).returncode == 0
+    path, _ = report_json(out)
+    assert run_module("bench.report", *common, f"--merge={path}").returncode == 0
+    _, report = report_json(out)
+    log = path.with_suffix(".log").read_text()
+    assert len(report["commands"]) == 2 and log.count("# call ") == 2 and log.index("# call 1:") < log.index("# call 2:")
+
+
 @pytest.mark.slow
 def test_the_budget_holds_and_what_did_not_fit_is_recorded_as_cut(tmp_path):
     """Every phase asked for in 40 seconds, which cannot hold them all (the trainer alone would run for
