@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -343,9 +344,20 @@ def environment(device: str) -> dict:
             "cuda": torch.version.cuda, "python": platform.python_version(), "commit": commit}
 
 
+def kernels_digest() -> str:
+    """A digest of the op files' source. Inductor's and AOTAutograd's caches key a graph by its forward,
+    not by a custom op's autograd code: after a fix to a kernel's backward (the GPU workflow: run, fix,
+    run again) they could serve the graph that calls the old one, so their directory is per digest."""
+    digest = hashlib.sha256()
+    for path in sorted((ROOT / "kernels").glob("*.py")):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def subprocess_env(args) -> dict:
     cache = Path(args.cache_dir).resolve()
-    env = {**os.environ, "TRITON_CACHE_DIR": str(cache / "triton"), "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),
+    inductor = cache / f"inductor-{kernels_digest()}"
+    env = {**os.environ, "TRITON_CACHE_DIR": str(cache / "triton"), "TORCHINDUCTOR_CACHE_DIR": str(inductor),
            # Inductor's compiled graphs and AOTAutograd's joint graphs, reused by a later process
            "TORCHINDUCTOR_FX_GRAPH_CACHE": "1", "TORCHINDUCTOR_AUTOGRAD_CACHE": "1",
            "FASTGPT_CACHE_DIR": str(cache / "fastgpt"), "PYTHONUNBUFFERED": "1",

@@ -199,3 +199,21 @@ def test_smoke_records_a_case_that_raises_and_runs_the_rest(tmp_path, monkeypatc
 def test_smoke_needs_the_interpreter_on_the_cpu(tmp_path):
     proc = run_module("bench.smoke", f"--out={tmp_path / 's.jsonl'}", "--device=cpu", env={"TRITON_INTERPRET": "0"})
     assert proc.returncode == 2 and "set TRITON_INTERPRET=1" in proc.stderr
+
+
+def test_inductor_caches_are_kept_per_version_of_the_kernels(tmp_path, monkeypatch):
+    """A changed op file (a fixed backward, say) gets a fresh Inductor cache: its cache keys a graph by the
+    forward and would serve one that calls the old backward; Triton's own cache keys each kernel's source."""
+    from bench import report
+
+    kernels = tmp_path / "kernels"
+    kernels.mkdir()
+    (kernels / "op.py").write_text("def backward(): return 1\n")
+    monkeypatch.setattr(report, "ROOT", tmp_path)
+    args = argparse.Namespace(cache_dir=str(tmp_path / "cache"), device="cpu")
+    first = report.subprocess_env(args)
+    (kernels / "op.py").write_text("def backward(): return 2\n")
+    second = report.subprocess_env(args)
+    assert first["TORCHINDUCTOR_CACHE_DIR"] != second["TORCHINDUCTOR_CACHE_DIR"]
+    assert first["TRITON_CACHE_DIR"] == second["TRITON_CACHE_DIR"] == str(tmp_path / "cache" / "triton")
+    assert second["CUDA_VISIBLE_DEVICES"] == "" and second["FASTGPT_CACHE_DIR"] == str(tmp_path / "cache" / "fastgpt")
