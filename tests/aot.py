@@ -2,7 +2,7 @@
 
     python tests/aot.py kernels.layer_norm [kernels.linear_gelu ...]   ->  one JSON object per line
 
-Each kernel module lists, in `aot_specs()`, every configuration its launchers or autotuners may pick:
+Each kernel module lists, in `aot_specs(arch)`, every configuration its launchers or tuner may pick there:
 dicts with `fn` (the @triton.jit kernel), `signature` (argument name -> Triton type, "constexpr" for
 compile-time arguments, which is also how the JIT passes integer arguments equal to 1), `constexprs`,
 `num_warps`, `num_stages`, optionally `divisible` (integer arguments the JIT would see as multiples of

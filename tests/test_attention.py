@@ -1,7 +1,7 @@
 """The Triton flash-attention kernels (kernels/attention.py) against the reference in fp64: output and
 every gradient, ragged lengths, every head_dim, sliding windows, decoding (Tq < Tk), strided q/k/v from
 the fused qkv projection, determinism, dropout, the custom ops under opcheck and torch.compile, input
-checks, and ahead-of-time compilation for sm_90/sm_80.
+checks, and ahead-of-time compilation (tests/aot.py: every architecture it covers).
 
 On a machine without CUDA the kernels run in the Triton interpreter (tests/conftest.py), which computes
 bf16 wrongly: bf16 numerics are only tested on a GPU.
