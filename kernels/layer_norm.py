@@ -238,11 +238,12 @@ def _backward(dy, x, weight, has_bias, mean, rstd, dh):
 
 def aot_specs(arch: int = 90):
     """Every configuration the launchers may compile (on any `arch`: a row tile's shared memory is small)
-    for n_embd from 64 to MAX_N (one width per row tile:
-    64, 128, 256, 384 -> 512, 768 -> 1024, 1600 -> 2048, 4096), with and without bias and residual, in fp32
-    and in bf16 as autocast runs it (fp32 residual stream and weights, bf16 branch outputs and normalised
-    rows; fp16 likewise at the presets' widths, tagged `preset` with bf16's), with the argument types the launchers pass and the divisibility the JIT sees at the presets'
-    shapes (widths multiples of 16; row counts are not specialised)."""
+    for n_embd from 64 to MAX_N (one width per row tile: 64, 128, 256, 384 -> 512, 768 -> 1024,
+    1600 -> 2048, 4096), with and without bias and residual, in fp32 and in bf16 as autocast runs it
+    (fp32 residual stream and weights, bf16 branch outputs and normalised rows; fp16 likewise at the
+    presets' widths, tagged `preset` with bf16's), with the argument types the launchers pass and the
+    divisibility the JIT sees at the presets' shapes (widths multiples of 16; row counts are not
+    specialised)."""
     dtypes = {"fp32": dict(x="fp32", r="fp32", w="fp32", y="fp32"),
               "bf16": dict(x="fp32", r="bf16", w="fp32", y="bf16"),
               "fp16": dict(x="fp32", r="fp16", w="fp32", y="fp16")}

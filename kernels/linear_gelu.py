@@ -6,10 +6,11 @@ The reference is `F.gelu(F.linear(...))`; it is the fallback, the test oracle an
 baseline. The MLP's second linear (`c_proj`) stays a plain (cuBLAS) matmul.
 
 The Triton path:
-  forward   a tiled matmul (tiles tuned per problem, fp32 accumulators, grouped tile order for L2 reuse) whose epilogue adds the
-            bias and applies the GELU while the tile is still in registers, storing y and the
-            pre-activation z: the reference writes z, reads it back for the GELU and writes y; here z
-            and y are written once each and z is never read back in the forward;
+  forward   a tiled matmul (tiles tuned per problem, fp32 accumulators, grouped tile order for L2
+            reuse) whose epilogue adds the bias and applies the GELU while the tile is still in
+            registers, storing y and the pre-activation z: the reference writes z, reads it back for
+            the GELU and writes y; here z and y are written once each and z is never read back in the
+            forward;
   backward  dz = dy * gelu'(z), gelu'(z) = Phi(z) + z * phi(z), in one elementwise pass over dy and the
             saved z, then dx = dz @ weight and dweight = dz.T @ x as cuBLAS matmuls and dbias = the
             column sums of dz. Saved for the backward: x, weight and z, as the reference saves x,
@@ -23,6 +24,7 @@ autocast dtype first, as F.linear would). fp32 inputs use TF32 in the matmul exa
 
 from __future__ import annotations
 
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -161,6 +163,7 @@ _CONFIGS_TURING = (
 )
 
 
+@functools.lru_cache(maxsize=None)
 def _candidates(element_size: int, arch: int | None) -> tuple[tuple[int, int, int, int, int], ...]:
     """The tuner's candidates on a GPU of compute capability `arch` (None: the interpreter), those that fit
     its block's shared memory: a tile keeps (stages - 1) x and weight slices of BLOCK_K in flight,
@@ -169,7 +172,8 @@ def _candidates(element_size: int, arch: int | None) -> tuple[tuple[int, int, in
     configs = _CONFIGS_16BIT if element_size == 2 else _CONFIGS_FP32
     if element_size == 2 and arch is not None and arch < 80:
         configs = _CONFIGS_TURING
-    fits = tuple(c for c in configs if (c[0] + c[1]) * c[2] * element_size * max(c[4] - 1, 1) <= shared_memory(arch))
+    fits = tuple(c for c in configs
+                 if (c[0] + c[1]) * c[2] * element_size * max(c[4] - 1, 1) <= shared_memory(arch))
     return fits or configs[-1:]
 
 
@@ -226,12 +230,12 @@ def _problem(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
 def aot_specs(arch: int = 90):
     """Every configuration the launchers may compile on a GPU of compute capability `arch`: each tuner
     candidate that fits it, with and without bias, for bf16 and fp32 (TF32 and IEEE), and fp16 without
-    bias (the presets' under fp16 autocast, tagged `preset` with bf16's), and the elementwise backward. n_embd does not enter the
-    compiled code (M, N and K are runtime arguments), so one compilation covers n_embd 128..4096; the JIT
-    specialises unit strides (contiguous rows) and sizes and strides that are multiples of 16, as they
-    are for every n_embd in that range."""
-    variants = [("bf16", "tf32", 2, (False, True)), ("fp16", "tf32", 2, (False,)), ("fp32", "tf32", 4, (False, True)),
-                ("fp32", "ieee", 4, (False,))]
+    bias (the presets' under fp16 autocast, tagged `preset` with bf16's), and the elementwise backward.
+    n_embd does not enter the compiled code (M, N and K are runtime arguments), so one compilation covers
+    n_embd 128..4096; the JIT specialises unit strides (contiguous rows) and sizes and strides that are
+    multiples of 16, as they are for every n_embd in that range."""
+    variants = [("bf16", "tf32", 2, (False, True)), ("fp16", "tf32", 2, (False,)),
+                ("fp32", "tf32", 4, (False, True)), ("fp32", "ieee", 4, (False,))]
     for dtype, precision, element_size, biases in variants:
         types = {name: f"*{dtype}" for name in ("X", "W", "B", "Y", "Z")}
         for bm, bn, bk, w, s in _candidates(element_size, arch):

@@ -66,12 +66,18 @@ class Tuner:
         self.timed = 0  # candidates timed by this process (tests read it)
         self._choices: dict[str, int] = {}
         self._loaded_from: Path | None = None
+        self._paths: dict[tuple, Path] = {}
 
     def _path(self, configs: Sequence) -> Path:
-        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-        digest = hashlib.sha256("\n".join([device, triton.__version__, self.source, repr(list(configs))])
-                                .encode()).hexdigest()[:20]
-        return cache_dir() / f"tuning-{self.name}-{digest}.json"
+        """The cache file of these candidates, worked out once per candidate list and cache directory (pick
+        runs on every launch: no hashing or device query there)."""
+        where = (tuple(configs), str(cache_dir()))
+        if where not in self._paths:
+            device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+            digest = hashlib.sha256("\n".join([device, triton.__version__, self.source, repr(list(configs))])
+                                    .encode()).hexdigest()[:20]
+            self._paths[where] = Path(where[1]) / f"tuning-{self.name}-{digest}.json"
+        return self._paths[where]
 
     @staticmethod
     def _read(path: Path) -> dict[str, int]:

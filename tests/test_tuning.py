@@ -140,3 +140,12 @@ def test_linear_gelu_tunes_on_a_power_of_two_of_m(monkeypatch):
     assert [k for k, _ in keys] == [(64, 128, 32, "torch.float32", False, "ieee")] * 2 + [
         (128, 128, 32, "torch.float32", False, "ieee"), (8, 128, 32, "torch.float16", True, "tf32")]
     assert keys[0][1] == mlp._CONFIGS_FP32 and keys[-1][1] == mlp._CONFIGS_16BIT  # every candidate fits sm_90
+
+
+def test_a_tuned_pick_does_no_hashing(monkeypatch):
+    """pick runs on every launch: the cache file's name is worked out once per candidate list."""
+    launched = []
+    tuner = Tuner("k", "source", time_ms=timer(launched))
+    tuner.pick(("M", 64), CONFIGS, launched.append)
+    monkeypatch.setattr(tuning.hashlib, "sha256", lambda *a: pytest.fail("hashed on a tuned launch"))
+    assert tuner.pick(("M", 64), CONFIGS, launched.append) == "b"
