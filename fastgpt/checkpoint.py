@@ -1,7 +1,8 @@
 """Checkpoints: written atomically, read with `torch.load(weights_only=True)`.
 
 The payload is tensors and plain types only: the model's state dict (taken from the un-compiled model,
-so no `_orig_mod.` prefixes), its config as a dict, the vocabulary as a string, and for a resumable
+so no `_orig_mod.` prefixes), its config as a dict, the tokenizer's state (fastgpt.tokenizer: a kind and
+strings; a character tokenizer's vocabulary is also stored as `vocab`, as before), and for a resumable
 checkpoint the optimizer state, the train config, the iteration, the best val loss and every RNG state
 (torch's, CUDA's, the batch generator's) needed to continue bit-exactly.
 """
@@ -17,8 +18,9 @@ from pathlib import Path
 import torch
 
 from fastgpt.config import UserError
-from fastgpt.data import CharTokenizer, atomic_write
+from fastgpt.data import atomic_write
 from fastgpt.model import GPTConfig, LanguageModel, build_model
+from fastgpt.tokenizer import Tokenizer, from_state
 
 FORMAT = "fastgpt-checkpoint"
 VERSION = 1
@@ -95,30 +97,39 @@ def load_checkpoint(path: str | Path) -> dict:
 def require(ckpt: dict, path: str | Path, purpose: str, keys: tuple[str, ...]) -> dict:
     """`ckpt` if it holds every key that `purpose` needs; a UserError otherwise (e.g. resuming from a
     weights-only best.pt)."""
-    missing = [key for key in keys if key not in ckpt]
+    # "vocab" stands for the tokenizer: a character vocabulary, or (since the BPE) a tokenizer state
+    missing = [key for key in keys if key not in ckpt and not (key == "vocab" and "tokenizer" in ckpt)]
     if missing:
         hint = (": resume from the ckpt.pt a run writes, or fine-tune from this one with --init_from"
                 if purpose == "resume" and "model" in ckpt else ": use a checkpoint written by fastgpt.train")
         raise UserError(f"cannot {purpose} {path}: it lacks {', '.join(missing)}{hint}")
-    if not isinstance(ckpt["vocab"], str) or ("rng" in keys and not isinstance(ckpt["rng"], list)):
+    bad_tokenizer = (not isinstance(ckpt["tokenizer"], dict) if "tokenizer" in ckpt
+                     else "vocab" in keys and not isinstance(ckpt["vocab"], str))
+    if bad_tokenizer or ("rng" in keys and not isinstance(ckpt["rng"], list)):
         raise UserError(f"{path} is damaged (its vocabulary or RNG states have the wrong type): use "
                         f"another checkpoint")
     return ckpt
 
 
-def model_from_checkpoint(ckpt: dict, path: str | Path) -> tuple[LanguageModel, CharTokenizer]:
+def tokenizer_state(ckpt: dict) -> dict:
+    """The tokenizer a checkpoint was trained with, as its state (a checkpoint from before the BPE has a
+    character vocabulary only)."""
+    return ckpt["tokenizer"] if "tokenizer" in ckpt else {"kind": "char", "vocab": ckpt["vocab"]}
+
+
+def model_from_checkpoint(ckpt: dict, path: str | Path) -> tuple[LanguageModel, Tokenizer]:
     """The model (on the CPU, eval mode) and tokenizer stored in a loaded checkpoint."""
     try:
         config = GPTConfig(**ckpt["model_config"])
         model = build_model(config)
         model.load_state_dict(ckpt["model"])
-        tokenizer = CharTokenizer(ckpt["vocab"])
+        tokenizer = from_state(tokenizer_state(ckpt))
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, AssertionError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise UserError(f"{path} does not hold a valid fastgpt model ({reason[:160]}): "
                         f"use a checkpoint written by python -m fastgpt.train") from None
     if tokenizer.vocab_size != config.vocab_size:
-        raise UserError(f"{path} is inconsistent: vocabulary of {tokenizer.vocab_size} characters for a "
+        raise UserError(f"{path} is inconsistent: vocabulary of {tokenizer.vocab_size} tokens for a "
                         f"model with vocab_size {config.vocab_size}")
     return model.eval(), tokenizer
 

@@ -19,7 +19,7 @@ import torch
 from fastgpt import train
 from fastgpt.checkpoint import load_checkpoint, model_from_checkpoint
 from fastgpt.config import PRESETS, TrainConfig, UserError, format_help, parse_train_args, run_main
-from fastgpt.data import default_prompt
+from fastgpt.tokenizer import default_prompt
 from fastgpt.model import MODELS
 from fastgpt.sample import complete
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from fastgpt.model import MODELS, GPTConfig
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+TOKENIZERS = ("char", "bpe", "gpt2")
+MAX_BPE_VOCAB = 1 << 20
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -72,8 +74,10 @@ def make_log(enabled: bool = True) -> Callable[..., None]:
 class TrainConfig:
     # defaults are nanoGPT's shakespeare_char config; see PRESETS for the cpu recipe
     out_dir: str = "out"  # checkpoints (ckpt.pt latest, best.pt best val) and metrics.jsonl go here
-    data_file: str = ""  # UTF-8 text to train on; empty = Tiny Shakespeare, downloaded into data_dir
+    data_file: str = ""  # UTF-8 text to train on: a file, a directory of .txt files or a glob; empty = Tiny Shakespeare, downloaded into data_dir
     data_dir: str = "data"  # where the corpus is downloaded and encoded splits are cached
+    tokenizer: str = "char"  # char (the corpus' characters), bpe (a byte-level BPE trained on the train split), gpt2 (GPT-2's, through tiktoken)
+    vocab_size: int = 2048  # with --tokenizer=bpe: tokens of the trained BPE (its 256 bytes and the merges)
     resume: bool = False  # continue exactly from out_dir/ckpt.pt
     overwrite: bool = False  # start afresh in an out_dir that holds an earlier run, replacing it
     init_from: str = ""  # fine-tune: start from this checkpoint's weights (new optimizer, iteration 0)
@@ -131,6 +135,11 @@ class TrainConfig:
             raise UserError(f"unknown --model={self.model}: choose one of {', '.join(MODELS)}")
         if self.resume and self.init_from:
             raise UserError("--resume continues a run and --init_from starts a new one: pass only one")
+        if self.tokenizer not in TOKENIZERS:
+            raise UserError(f"unknown --tokenizer={self.tokenizer}: choose one of {', '.join(TOKENIZERS)}")
+        if not 256 <= self.vocab_size <= MAX_BPE_VOCAB:
+            raise UserError(f"--vocab_size must be between 256 (the bytes alone) and {MAX_BPE_VOCAB}, got "
+                            f"{self.vocab_size}")
         if self.extend_vocab and not self.init_from:
             raise UserError("--extend_vocab grows a checkpoint's vocabulary: use it with --init_from=CKPT")
         positive = ["eval_interval", "eval_iters", "log_interval", "batch_size", "block_size", "n_layer",
@@ -291,4 +300,6 @@ def parse_train_args(argv: Sequence[str], cuda_available: bool) -> tuple[TrainCo
         raise UserError("the finetune preset continues a trained model: pass --init_from=CKPT "
                         "(or --resume to continue a fine-tuning run)")
     cfg.validate()
+    if "vocab_size" in given and cfg.tokenizer != "bpe":
+        raise UserError("--vocab_size sets the size of a trained BPE: use it with --tokenizer=bpe")
     return cfg, given

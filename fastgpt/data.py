@@ -1,20 +1,39 @@
-"""The corpus, the character tokenizer and the batches.
+"""The corpus, its tokens and the batches.
 
 Tiny Shakespeare is downloaded on first use into `data_dir` and checked against its sha256; any UTF-8
-text file can be used instead. The vocabulary is the sorted set of the corpus' characters (or a
-checkpoint's, when resuming or fine-tuning); the first 90% of the encoded corpus is the train split,
-the rest the val split. Encoded splits are cached in `data_dir/cache`, keyed by the corpus' sha256
-and the vocabulary, so a second start does not re-encode. Batches are random windows drawn with a
-seeded `torch.Generator` from the encoded corpus held on the training device.
+text can be used instead: a file, a directory (its .txt files in sorted order) or a glob, read as one
+text. Corpora of any size: the text is read in chunks (a character split across a chunk's edge is
+decoded whole), encoded chunk by chunk and written to `data_dir/cache` as raw tokens of the smallest
+unsigned type that holds the vocabulary, which training memory-maps. A second start finds them there,
+keyed by the corpus' sha256 and the tokenizer (its vocabulary, its merges), and checks them against
+their CRC-32.
+
+Tokenizers (fastgpt.tokenizer): `char`, the sorted set of the corpus' characters (or a checkpoint's);
+`bpe`, a byte-level BPE trained on the train split and cached in `data_dir/cache` keyed by the corpus'
+sha256 and its size; `gpt2`, GPT-2's through tiktoken. The split: with characters, the first 90% of the
+tokens train and the rest validate (as nanoGPT); with a BPE, the text is cut at the first character
+boundary after 90% of its bytes, so the BPE is trained on the train split's text alone.
+
+Batches are random windows drawn with a seeded `torch.Generator`: from the split on the training device
+when it fits there (the CPU always: there the split is the memory-mapped file), or else gathered on the
+host into pinned buffers and copied without blocking.
 """
 
 from __future__ import annotations
 
+import codecs
+import contextlib
+import glob
 import hashlib
+import itertools
+import json
 import os
 import sys
 import tempfile
+import time
 import urllib.request
+import zlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,11 +41,17 @@ import numpy as np
 import torch
 
 from fastgpt.config import UserError
+from fastgpt.tokenizer import (  # noqa: F401 (CharTokenizer and default_prompt lived here: imported from here)
+    KINDS, BPETokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer, default_prompt, split_safely)
 
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 TRAIN_FRACTION = 0.9
-CACHE_VERSION = 2  # bump when the cached layout or the split changes
+CACHE_VERSION = 3  # bump when the cached layout or the split changes
+BPE_VERSION = 1  # bump when the BPE's training changes
+CHUNK_BYTES = 1 << 24  # text read, decoded and encoded at a time
+BYTE_LEVEL_CHUNK_BYTES = 1 << 22  # the byte-level encoders hold ~40 bytes per token of a chunk
+MAP_BYTES = 1 << 26  # token files larger than this are memory-mapped, smaller ones read
 
 
 def atomic_write(path: Path, write) -> None:
@@ -70,58 +95,103 @@ def tiny_shakespeare(data_dir: str | Path, url: str = TINY_SHAKESPEARE_URL) -> P
     return path
 
 
-class CharTokenizer:
-    """Characters <-> token ids. The vocabulary is a string of distinct characters: sorted for a
-    corpus of its own, and a checkpoint's vocabulary plus new characters when fine-tuning extends it."""
-
-    def __init__(self, vocab: str):
-        self.vocab = vocab
-        self._stoi = {c: i for i, c in enumerate(vocab)}
-
-    @classmethod
-    def from_text(cls, text: str) -> CharTokenizer:
-        return cls("".join(sorted(set(text))))
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.vocab)
-
-    def unknown(self, text: str) -> list[str]:
-        """The distinct characters of `text` that are not in the vocabulary, sorted."""
-        return sorted(set(text) - set(self._stoi))
-
-    def encode(self, text: str) -> np.ndarray:
-        """Token ids of `text` (which must use only vocabulary characters), as int64."""
-        codepoints = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-        distinct, inverse = np.unique(codepoints, return_inverse=True)  # a dict lookup per character kind
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `path` (created if missing), waiting for another holder: processes
+    that would build the same cache entry take turns, and the later ones find it built."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): the atomic writes still keep every entry whole
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
         try:
-            ids = np.array([self._stoi[chr(c)] for c in distinct.tolist()], dtype=np.int64)
-        except KeyError:
-            raise ValueError(f"text has characters outside the vocabulary: {self.unknown(text)!r}") from None
-        return ids[inverse.reshape(-1)]
-
-    def decode(self, ids) -> str:
-        return "".join(self.vocab[i] for i in ids)
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def default_prompt(tokenizer: CharTokenizer) -> str:
-    """What generation starts from when no prompt is given: a newline, as nanoGPT, or the first
-    character of a vocabulary that has none."""
-    return "\n" if "\n" in tokenizer.vocab else tokenizer.vocab[0]
+class Progress:
+    """A progress line on stderr for work that takes more than `delay` seconds: redrawn in place on a
+    terminal, a line per tenth otherwise (a log file)."""
+
+    def __init__(self, label: str, total: int, delay: float = 3.0):
+        self.label, self.total, self.delay = label, max(total, 1), delay
+        self.done, self.start, self.shown, self.last = 0, time.monotonic(), False, 0.0
+        self.tty = sys.stderr.isatty()
+
+    def update(self, n: int) -> None:
+        before, self.done = self.done, self.done + n
+        now = time.monotonic()
+        if now - self.start < self.delay:
+            return
+        tenth = self.done * 10 // self.total > before * 10 // self.total
+        if (self.tty and now - self.last >= 0.2) or (not self.tty and (tenth or not self.shown)):
+            self.last, self.shown = now, True
+            print(("\r" if self.tty else "") + self._line(now), end="" if self.tty else "\n", file=sys.stderr,
+                  flush=True)
+
+    def _line(self, now: float) -> str:
+        mb = 1e6
+        rate = self.done / mb / max(now - self.start, 1e-9)
+        return (f"{self.label}: {100 * self.done // self.total:3d}% ({self.done / mb:,.0f} of "
+                f"{self.total / mb:,.0f} MB, {rate:.1f} MB/s)")
+
+    def close(self) -> None:
+        if self.shown:
+            print(("\r" if self.tty else "") + self._line(time.monotonic()) + f" in "
+                  f"{time.monotonic() - self.start:.1f} s", file=sys.stderr, flush=True)
 
 
-@dataclass
-class Corpus:
-    source: Path
-    sha256: str
-    tokenizer: CharTokenizer
-    train: np.ndarray  # token ids, smallest unsigned dtype that holds the vocabulary
-    val: np.ndarray
+# ---------------------------------------------------------------------------------------------------
+# the text: files, one pass to hash and check it, chunked reading
+
+
+def corpus_files(data_file: str, data_dir: str | Path, flag: str = "--data_file") -> list[Path]:
+    """The files of `--data_file`: Tiny Shakespeare when it is empty, a file, a directory's .txt files
+    (sorted by name), or the files a glob matches (sorted; `**` recurses). Empty files of a directory or
+    a glob are left out."""
+    if not data_file:
+        return [tiny_shakespeare(data_dir)]
+    try:
+        return _corpus_files(Path(data_file), data_file, flag)
+    except OSError as e:
+        raise UserError(f"cannot read {data_file} ({e.strerror}): check the path and its permissions") from None
+
+
+def _corpus_files(path: Path, data_file: str, flag: str) -> list[Path]:
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix == ".txt" and p.is_file())
+        what = (f"{path} is not a regular file and holds no .txt files: pass a UTF-8 text file, or a directory "
+                f"of them named *.txt, with {flag}")
+    elif not path.exists() and set("*?[") & set(data_file):
+        files = sorted(Path(p) for p in glob.glob(data_file, recursive=True) if Path(p).is_file())
+        what = f"{flag}={data_file} matches no files: check the pattern (quote it, so the shell leaves it alone)"
+    else:
+        if not path.exists():
+            raise UserError(f"{path} does not exist: pass an existing UTF-8 text file with {flag}")
+        if not path.is_file():
+            raise UserError(f"{path} is not a regular file: pass a UTF-8 text file with {flag}")
+        return [path]
+    if not files:
+        raise UserError(what)
+    nonempty = [p for p in files if p.stat().st_size > 0]
+    if not nonempty:
+        raise UserError(f"{flag}={data_file}: its {len(files)} file(s) are all empty: pass some UTF-8 text")
+    return nonempty
+
+
+def not_utf8(path: Path, offset: int, head: bytes, flag: str) -> UserError:
+    source = "UTF-16" if head[:2] in (b"\xff\xfe", b"\xfe\xff") else "LATIN1"  # a BOM names UTF-16
+    return UserError(f"{path} is not UTF-8 text (bad byte at offset {offset}): convert it, e.g. with "
+                     f"iconv -f {source} -t UTF-8, and pass it with {flag}")
 
 
 def read_text_file(path: Path, flag: str = "--data_file") -> tuple[str, str]:
-    """The file's text and the sha256 of its bytes; a missing, empty or non-UTF-8 file is a UserError
-    that names the command-line `flag` the path came from."""
+    """A small file's text and the sha256 of its bytes (a prompt file); a missing, empty or non-UTF-8
+    file is a UserError that names the command-line `flag` the path came from."""
     try:
         if not path.exists():
             raise UserError(f"{path} does not exist: pass an existing UTF-8 text file with {flag}")
@@ -135,64 +205,323 @@ def read_text_file(path: Path, flag: str = "--data_file") -> tuple[str, str]:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        source = "UTF-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else "LATIN1"  # a BOM names UTF-16
-        raise UserError(
-            f"{path} is not UTF-8 text (bad byte at offset {e.start}): convert it, e.g. with "
-            f"iconv -f {source} -t UTF-8, and pass it with {flag}"
-        ) from None
+        raise not_utf8(path, e.start, raw, flag) from None
     return text, hashlib.sha256(raw).hexdigest()
 
 
+@dataclass
+class Text:
+    """A corpus' files read as one text: their sizes, the sha256 of their bytes in order, and (when asked
+    for) the sorted distinct characters."""
+
+    files: list[Path]
+    sizes: list[int]
+    sha256: str
+    chars: str | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.sizes)
+
+
+def read_chunks(path: Path, start: int = 0, stop: int | None = None, size: int = CHUNK_BYTES) -> Iterator[bytes]:
+    """The bytes [start, stop) of a file in chunks; an unreadable file is a UserError."""
+    try:
+        with path.open("rb") as f:
+            f.seek(start)
+            left = (stop if stop is not None else float("inf")) - start
+            while left > 0:
+                chunk = f.read(int(min(size, left)))
+                if not chunk:
+                    if stop is not None:
+                        raise UserError(f"{path} changed while it was being read: start again")
+                    return
+                left -= len(chunk)
+                yield chunk
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({e.strerror}): check the path and its permissions") from None
+
+
+def scan(files: list[Path], want_chars: bool, flag: str = "--data_file") -> Text:
+    """One pass over the files: the sha256 of their bytes, each checked to be UTF-8, and the distinct
+    characters (a table of every code point seen) when `want_chars`."""
+    sha = hashlib.sha256()
+    seen = np.zeros(0x110000, dtype=bool) if want_chars else None
+    sizes = []
+    progress = Progress("reading the corpus", sum(p.stat().st_size for p in files))
+    for path in files:
+        decoder, offset, head = codecs.getincrementaldecoder("utf-8")(), 0, b""
+        for chunk in itertools.chain(read_chunks(path), [b""]):
+            head = head or chunk[:2]
+            sha.update(chunk)
+            try:
+                text = decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as e:
+                pending = len(decoder.getstate()[0]) if not chunk else 0
+                raise not_utf8(path, offset - pending + e.start, head, flag) from None
+            if seen is not None and text:
+                seen[np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)] = True
+            offset += len(chunk)
+            progress.update(len(chunk))
+        if offset == 0:
+            raise UserError(f"{path} is empty: pass a UTF-8 text file with some text in it with {flag}")
+        sizes.append(offset)
+    progress.close()
+    chars = "".join(map(chr, np.flatnonzero(seen).tolist())) if seen is not None else None
+    return Text(files, sizes, sha.hexdigest(), chars)
+
+
+def text_chunks(text: Text, start: int = 0, stop: int | None = None, chunk_bytes: int = CHUNK_BYTES,
+                progress: Progress | None = None) -> Iterator[str]:
+    """The decoded text of the bytes [start, stop) of the files read as one, in chunks; `start` and `stop`
+    fall on character boundaries, and a character split across a chunk's edge is decoded whole."""
+    stop = text.nbytes if stop is None else stop
+    pos = 0
+    for path, size in zip(text.files, text.sizes):
+        lo, hi = max(start, pos), min(stop, pos + size)
+        if lo < hi:
+            decoder = codecs.getincrementaldecoder("utf-8")()
+            try:
+                for chunk in read_chunks(path, lo - pos, hi - pos, chunk_bytes):
+                    yield decoder.decode(chunk)
+                    if progress is not None:
+                        progress.update(len(chunk))
+                tail = decoder.decode(b"", final=True)
+            except UnicodeDecodeError:
+                raise UserError(f"{path} changed while it was being read: start again") from None
+            if tail:
+                yield tail
+        pos += size
+
+
+def pretoken_chunks(chunks: Iterable[str]) -> Iterator[str]:
+    """The chunks re-cut at pre-tokenizer boundaries, so that a byte-level BPE encodes them as it would
+    the whole text."""
+    carry = ""
+    for chunk in chunks:
+        head, carry = split_safely(carry + chunk)
+        if head:
+            yield head
+    if carry:
+        yield carry
+
+
+def split_point(text: Text) -> int:
+    """The byte offset of the val split of a byte-level tokenizer's corpus: the first character boundary
+    at or after TRAIN_FRACTION of the bytes."""
+    target = int(text.nbytes * TRAIN_FRACTION)
+    pos = 0
+    for path, size in zip(text.files, text.sizes):
+        if pos + size > target:
+            tail = b"".join(read_chunks(path, target - pos, min(size, target - pos + 4)))
+            skip = next((i for i, b in enumerate(tail) if b & 0xC0 != 0x80), len(tail))  # past continuation bytes
+            return target + skip
+        pos += size
+    return target
+
+
+# ---------------------------------------------------------------------------------------------------
+# the tokenizer
+
+
+def char_tokenizer(text: Text, vocab: str | None, extend_vocab: bool, where: str) -> CharTokenizer:
+    """The corpus' own sorted characters, or a checkpoint's `vocab`: then characters outside it are a
+    UserError, unless `extend_vocab` appends them."""
+    if vocab is None:
+        return CharTokenizer(text.chars)
+    missing = [c for c in text.chars if c not in set(vocab)]
+    if missing and not extend_vocab:
+        shown = " ".join(repr(c) for c in missing[:30])
+        if len(missing) > 30:
+            shown += f" and {len(missing) - 30} more"
+        raise UserError(f"{where} has characters the checkpoint's vocabulary lacks: {shown}; pass "
+                        f"--extend_vocab to add them")
+    return CharTokenizer(vocab + "".join(missing))
+
+
+def trained_bpe(text: Text, data_dir: str | Path, vocab_size: int) -> BPETokenizer:
+    """A byte-level BPE of `vocab_size` tokens trained on the corpus' train split, from the cache in
+    data_dir/cache when an earlier start trained it."""
+    path = Path(data_dir) / "cache" / f"bpe-{text.sha256}-{vocab_size}-v{BPE_VERSION}.json"
+    with file_lock(path.with_suffix(".lock")):
+        if path.is_file():
+            try:
+                return BPETokenizer(path.read_text(encoding="utf-8"))
+            except (UserError, OSError, UnicodeDecodeError):
+                pass  # damaged: trained again below
+        stop = split_point(text)
+        progress = Progress(f"training a BPE of {vocab_size} tokens", stop)
+        tokenizer = BPETokenizer.train(pretoken_chunks(text_chunks(text, 0, stop, BYTE_LEVEL_CHUNK_BYTES, progress)),
+                                       vocab_size)
+        progress.close()
+        try:
+            atomic_write(path, lambda f: f.write(tokenizer.serialized.encode("utf-8")))
+        except OSError as e:
+            print(f"warning: could not cache the BPE in {path.parent} ({e.strerror})", file=sys.stderr)
+    return tokenizer
+
+
+def make_tokenizer(kind: str, text: Text, data_dir: str | Path, vocab_size: int, state: dict | None,
+                   extend_vocab: bool, where: str) -> Tokenizer:
+    """The run's tokenizer: a checkpoint's (its `state`, a char vocabulary extended when asked), or a new
+    one of `kind` for this corpus."""
+    if kind == "char":
+        return char_tokenizer(text, state["vocab"] if state else None, extend_vocab, where)
+    if state is not None:
+        from fastgpt.tokenizer import from_state
+        return from_state(state)
+    if kind == "bpe":
+        return trained_bpe(text, data_dir, vocab_size)
+    return GPT2Tokenizer()
+
+
+# ---------------------------------------------------------------------------------------------------
+# the tokens: encoded once into data_dir/cache, memory-mapped
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned integer type that holds every token id."""
+    return np.dtype(np.uint8 if vocab_size <= 1 << 8 else np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+
+
+def cache_stem(data_dir: str | Path, text: Text, tokenizer: Tokenizer) -> Path:
+    state = json.dumps(tokenizer.state(), sort_keys=True, ensure_ascii=True)
+    key = hashlib.sha256(state.encode("ascii")).hexdigest()[:16]
+    return Path(data_dir) / "cache" / f"{text.sha256}-{tokenizer.kind}-{key}-v{CACHE_VERSION}"
+
+
+def read_tokens(stem: Path, vocab_size: int) -> tuple[np.ndarray, int] | None:
+    """The cached tokens (memory-mapped) and the train split's length; None when the entry is missing or
+    fails its checks (size, dtype, CRC-32)."""
+    try:
+        meta = json.loads(Path(f"{stem}.json").read_text())
+        dtype, n, n_train = np.dtype(meta["dtype"]), int(meta["tokens"]), int(meta["train"])
+        path = Path(f"{stem}.bin")
+        if dtype != token_dtype(vocab_size) or not 0 <= n_train <= n or path.stat().st_size != n * dtype.itemsize:
+            return None
+        crc = 0
+        for chunk in read_chunks(path):
+            crc = zlib.crc32(chunk, crc)
+        if crc != meta["crc32"] or n == 0:
+            return None
+        if path.stat().st_size <= MAP_BYTES:  # small: in memory, like any array
+            return np.fromfile(path, dtype=dtype, count=n), n_train
+        # copy-on-write mapping: writable for torch.from_numpy, shared page cache, never written
+        return np.memmap(path, dtype=dtype, mode="c", shape=(n,)), n_train
+    except (OSError, ValueError, KeyError, TypeError, UserError):
+        return None
+
+
+def write_tokens(stem: Path, text: Text, tokenizer: Tokenizer) -> None:
+    """Encode the corpus chunk by chunk into stem.bin (written whole or not at all) and describe it in
+    stem.json, written after it."""
+    dtype = token_dtype(tokenizer.vocab_size)
+    progress = Progress(f"encoding the corpus ({tokenizer.kind})", text.nbytes)
+    count, crc = 0, 0
+
+    def write_part(f, chunks: Iterable[str]) -> None:
+        nonlocal count, crc
+        for chunk in chunks:
+            raw = tokenizer.encode(chunk).astype(dtype).tobytes()
+            f.write(raw)
+            crc = zlib.crc32(raw, crc)
+            count += len(raw) // dtype.itemsize
+
+    def write(f) -> None:
+        nonlocal n_train
+        if not tokenizer.byte_level:  # characters: encoded in one stream, split on tokens
+            write_part(f, text_chunks(text, progress=progress))
+            n_train = int(count * TRAIN_FRACTION)
+            return
+        split = split_point(text)  # a BPE: each split's text encoded apart
+        write_part(f, pretoken_chunks(text_chunks(text, 0, split, BYTE_LEVEL_CHUNK_BYTES, progress)))
+        n_train = count
+        write_part(f, pretoken_chunks(text_chunks(text, split, None, BYTE_LEVEL_CHUNK_BYTES, progress)))
+
+    n_train = 0
+    atomic_write(Path(f"{stem}.bin"), write)
+    progress.close()
+    meta = {"dtype": dtype.name, "tokens": count, "train": n_train, "crc32": crc, "sha256": text.sha256,
+            "tokenizer": tokenizer.kind, "files": [str(p) for p in text.files]}
+    atomic_write(Path(f"{stem}.json"), lambda f: f.write(json.dumps(meta, indent=1).encode()))
+
+
+def cached_tokens(data_dir: str | Path, text: Text, tokenizer: Tokenizer) -> tuple[np.ndarray, int]:
+    """The corpus' tokens and the train split's length, encoded on the first start and read back after."""
+    stem = cache_stem(data_dir, text, tokenizer)
+    found = read_tokens(stem, tokenizer.vocab_size)
+    if found is not None:
+        return found
+    try:
+        with file_lock(Path(f"{stem}.lock")):
+            found = read_tokens(stem, tokenizer.vocab_size)  # built by another process while we waited
+            if found is None:
+                write_tokens(stem, text, tokenizer)
+                found = read_tokens(stem, tokenizer.vocab_size)
+    except OSError as e:
+        raise UserError(f"cannot write the encoded corpus to {stem.parent} ({e.strerror}): free disk space, "
+                        f"or pass a writable --data_dir") from None
+    if found is None:
+        raise UserError(f"the encoded corpus in {stem.parent} does not read back: check the disk, or pass "
+                        f"another --data_dir")
+    return found
+
+
+@dataclass
+class Corpus:
+    source: Path | str  # the file, or the directory or glob and its file count
+    sha256: str
+    tokenizer: Tokenizer
+    train: np.ndarray  # token ids, smallest unsigned dtype that holds the vocabulary (memory-mapped)
+    val: np.ndarray
+
+
 def load_corpus(data_file: str = "", data_dir: str | Path = "data", vocab: str | None = None,
-                extend_vocab: bool = False, expected_sha256: str | None = None) -> Corpus:
+                extend_vocab: bool = False, expected_sha256: str | None = None, tokenizer: str = "char",
+                vocab_size: int = 2048, tokenizer_state: dict | None = None) -> Corpus:
     """Read, tokenize and split a corpus (Tiny Shakespeare when data_file is empty), using the cache.
 
-    The vocabulary is the corpus' own sorted characters, or `vocab` (a checkpoint's, when resuming or
-    fine-tuning): then characters outside it are a UserError, unless `extend_vocab` appends them.
-    A resumed run passes `expected_sha256`, the corpus its checkpoint was trained on.
+    The tokenizer is a new one of kind `tokenizer` (a BPE of `vocab_size`), or a checkpoint's:
+    `tokenizer_state`, or `vocab` for a character one (when resuming or fine-tuning; characters outside
+    it are a UserError unless `extend_vocab` appends them). A resumed run passes `expected_sha256`, the
+    corpus its checkpoint was trained on.
     """
-    path = Path(data_file) if data_file else tiny_shakespeare(data_dir)
-    text, sha = read_text_file(path)
-    if expected_sha256 is not None and sha != expected_sha256:
-        raise UserError(f"{path} is not the corpus the checkpoint was trained on: resume with the same "
+    if vocab is not None:
+        tokenizer_state = {"kind": "char", "vocab": vocab}
+    kind = tokenizer_state["kind"] if tokenizer_state else tokenizer
+    if kind not in KINDS:
+        raise UserError(f"unknown --tokenizer={kind}: choose one of {', '.join(KINDS)}")
+    files = corpus_files(data_file, data_dir)
+    source = files[0] if len(files) == 1 else f"{data_file} ({len(files)} files)"
+    text = scan(files, want_chars=kind == "char")
+    if expected_sha256 is not None and text.sha256 != expected_sha256:
+        raise UserError(f"{source} is not the corpus the checkpoint was trained on: resume with the same "
                         f"--data_file")
-    chars = sorted(set(text))
-    if vocab is None:
-        vocab = "".join(chars)
-    else:
-        missing = [c for c in chars if c not in set(vocab)]
-        if missing and not extend_vocab:
-            shown = " ".join(repr(c) for c in missing[:30])
-            if len(missing) > 30:
-                shown += f" and {len(missing) - 30} more"
-            raise UserError(f"{path} has characters the checkpoint's vocabulary lacks: {shown}; pass "
-                            f"--extend_vocab to add them")
-        vocab += "".join(missing)
-    tokenizer = CharTokenizer(vocab)
-    vocab_key = hashlib.sha256(vocab.encode("utf-8", "surrogatepass")).hexdigest()[:16]
-    cache = Path(data_dir) / "cache" / f"{sha}-{vocab_key}-v{CACHE_VERSION}.npz"
-    if cache.exists():
-        try:
-            with np.load(cache) as z:
-                return Corpus(path, sha, tokenizer, z["train"], z["val"])
-        except Exception:  # numpy/zipfile raise many types for a damaged file: rebuild it below
-            pass
-    dtype = np.uint8 if tokenizer.vocab_size <= 256 else np.int32
-    ids = tokenizer.encode(text).astype(dtype)
-    n_train = int(len(ids) * TRAIN_FRACTION)
-    corpus = Corpus(path, sha, tokenizer, ids[:n_train], ids[n_train:])
-    try:
-        atomic_write(cache, lambda f: np.savez(f, train=corpus.train, val=corpus.val))
-    except OSError as e:
-        print(f"warning: could not cache the encoded corpus in {cache.parent} ({e.strerror})",
-              file=sys.stderr)
-    return corpus
+    tok = make_tokenizer(kind, text, data_dir, vocab_size, tokenizer_state, extend_vocab, str(source))
+    tokens, n_train = cached_tokens(data_dir, text, tok)
+    return Corpus(source, text.sha256, tok, tokens[:n_train], tokens[n_train:])
+
+
+# ---------------------------------------------------------------------------------------------------
+# batches
+
+
+def fits_on(device: torch.device, nbytes: int) -> bool:
+    """Whether a split of `nbytes` lives on the device: always on the CPU (memory-mapped), on a GPU when it
+    takes at most an eighth of the device's memory (a rule of the hardware, so a resumed run decides alike)."""
+    if device.type == "cuda":
+        return nbytes <= torch.cuda.get_device_properties(device).total_memory // 8
+    if device.type == "mps":
+        return nbytes <= 1 << 30
+    return True
 
 
 class Batches:
     """Random (x, y) windows of one split: x is (batch_size, block_size) token ids, y is x shifted by
-    one. The split lives on `device`; the offsets come from a seeded generator on that device, so a
-    batch costs no host work and the stream can be saved and restored exactly."""
+    one. When the split fits on `device` it lives there and the offsets come from a seeded generator on
+    that device, so a batch costs no host work; otherwise the windows are gathered on the host (a CPU
+    generator) into one of two pinned buffers and copied without blocking. Either way the stream is
+    saved and restored exactly with `generator`'s state."""
 
     def __init__(self, data: np.ndarray, block_size: int, batch_size: int, device: torch.device,
                  seed: int, name: str = "split"):
@@ -201,17 +530,47 @@ class Batches:
                 f"the {name} split has {len(data)} tokens but --block_size={block_size} needs at least "
                 f"{block_size + 1}: use a longer text or a smaller --block_size"
             )
-        self.data = torch.from_numpy(data).to(device)
+        device = torch.device(device)
+        self.device = device
         self.block_size = block_size
         self.batch_size = batch_size
-        self.generator = torch.Generator(device=device)
+        self._mask = 0xFFFF if data.dtype == np.uint16 else None  # read as int16: torch indexes it everywhere
+        signed = {np.dtype(np.uint16): np.int16, np.dtype(np.uint32): np.int32}.get(data.dtype)
+        host = torch.from_numpy(data.view(signed) if signed else data)
+        self.on_device = fits_on(device, data.nbytes)
+        self.data = host.to(device) if self.on_device else host
+        where = device if self.on_device else torch.device("cpu")
+        self.generator = torch.Generator(device=where)
         self.generator.manual_seed(seed)
-        self._offsets = torch.arange(block_size, device=device)
+        self.eval_generator = torch.Generator(device=where)  # evaluation's fixed batches, reseeded each time
+        self._offsets = torch.arange(block_size + (0 if self.on_device else 1), device=where)
+        if not self.on_device:
+            pin = device.type == "cuda"
+            self._buffers = [torch.empty((batch_size, block_size + 1), dtype=host.dtype, pin_memory=pin)
+                             for _ in range(2)]
+            self._copied: list[torch.cuda.Event | None] = [None, None]
+            self._turn = 0
+
+    def _widen(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.long()
+        return t & self._mask if self._mask is not None else t
 
     def next(self, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The next batch from this split's generator, or from `generator` (evaluation draws its own
         fixed batches without disturbing the training stream)."""
         starts = torch.randint(len(self.data) - self.block_size, (self.batch_size, 1),
-                               generator=generator or self.generator, device=self.data.device)
-        index = starts + self._offsets  # (B, T)
-        return self.data[index].long(), self.data[index + 1].long()
+                               generator=generator or self.generator, device=self._offsets.device)
+        index = starts + self._offsets  # (B, T), or (B, T + 1) on the host
+        if self.on_device:
+            return self._widen(self.data[index]), self._widen(self.data[index + 1])
+        buffer, copied = self._buffers[self._turn], self._copied[self._turn]
+        if copied is not None:
+            copied.synchronize()  # the copy out of this buffer two batches ago is done
+        torch.index_select(self.data, 0, index.view(-1), out=buffer.view(-1))
+        window = buffer.to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            self._copied[self._turn] = torch.cuda.Event()
+            self._copied[self._turn].record()
+        self._turn ^= 1
+        window = self._widen(window)
+        return window[:, :-1].contiguous(), window[:, 1:].contiguous()

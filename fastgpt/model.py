@@ -197,9 +197,15 @@ class LanguageModel(nn.Module):
 
     def flops_per_token(self) -> int:
         """Training FLOPs per token: 6N for the weight matmuls forward and backward, plus 12*L*H*Q*T
-        for attention scores and their use (PaLM, appendix B; nanoGPT's MFU estimate); H*Q = n_embd."""
+        for attention scores and their use (PaLM, appendix B; nanoGPT's MFU estimate); H*Q = n_embd.
+        N leaves out the tables that are only looked up: position embeddings, and token embeddings that
+        are not also the output layer (tied in the GPT, so there its 6N is nanoGPT's)."""
         c = self.config
-        return 6 * self.get_num_params() + 12 * self.n_attention_layers * c.n_embd * c.block_size
+        outputs = {id(m.weight) for m in self.modules() if isinstance(m, nn.Linear)}
+        lookups = sum(m.weight.numel() for m in self.modules()
+                      if isinstance(m, nn.Embedding) and id(m.weight) not in outputs)
+        matmul_params = sum(p.numel() for p in self.parameters()) - lookups
+        return 6 * matmul_params + 12 * self.n_attention_layers * c.n_embd * c.block_size
 
     def new_cache(self) -> list[KVCache]:
         """An empty KV cache, one KVCache per attention layer."""

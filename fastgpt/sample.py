@@ -14,9 +14,10 @@ import torch
 import kernels
 from fastgpt.checkpoint import load_checkpoint, model_from_checkpoint
 from fastgpt.config import UserError, format_help, parse_flags, run_main
-from fastgpt.data import CharTokenizer, default_prompt, read_text_file
+from fastgpt.data import read_text_file
 from fastgpt.distributed import resolve_device
 from fastgpt.model import LanguageModel
+from fastgpt.tokenizer import Tokenizer, default_prompt
 
 
 @dataclass
@@ -26,16 +27,16 @@ class SampleConfig:
     prompt: str = "\n"  # text to continue (by default a newline, or the vocabulary's first character)
     prompt_file: str = ""  # read the prompt from this UTF-8 file instead of --prompt
     num_samples: int = 3  # independent samples, generated as one batch
-    max_new_tokens: int = 500  # characters generated per sample
+    max_new_tokens: int = 500  # tokens generated per sample (characters with the char tokenizer)
     temperature: float = 0.8  # < 1 sharpens, > 1 flattens the distribution; must be > 0
-    top_k: int = 0  # sample among the k most likely characters only; 0 = all
+    top_k: int = 0  # sample among the k most likely tokens only; 0 = all
     seed: int = 1337  # seeds the sampling generator
     kv_cache: bool = True  # reuse keys and values of earlier positions
     device: str = "auto"  # auto (cuda, else mps, else cpu), cpu, mps, cuda, cuda:N
     reference: bool = False  # run every kernel as its PyTorch reference
 
 
-def complete(model: LanguageModel, tokenizer: CharTokenizer, prompt: str, max_new_tokens: int, seed: int, *,
+def complete(model: LanguageModel, tokenizer: Tokenizer, prompt: str, max_new_tokens: int, seed: int, *,
              num_samples: int = 1, temperature: float = 0.8, top_k: int | None = None,
              use_cache: bool = True) -> list[str]:
     """`num_samples` continuations of `prompt` (each returned with the prompt), sampled on the model's

@@ -23,12 +23,15 @@ import torch
 
 import kernels
 from fastgpt import distributed
-from fastgpt.checkpoint import load_checkpoint, load_weights, out_dir_lock, require, save_checkpoint
+from fastgpt.checkpoint import load_checkpoint, load_weights, out_dir_lock, require, save_checkpoint, tokenizer_state
 from fastgpt.config import ARCHITECTURE_FIELDS, TrainConfig, UserError, make_log, parse_train_args, run_main
-from fastgpt.data import Batches, Corpus, default_prompt, load_corpus
+from fastgpt.data import Batches, Corpus, load_corpus
 from fastgpt.distributed import World
 from fastgpt.model import GPTConfig, build_model
 from fastgpt.sample import complete
+from fastgpt.tokenizer import default_prompt
+
+MAX_BIGRAM_VOCAB = 8192  # the bigram model's table is vocab x vocab
 
 # dense 16-bit tensor-core peaks in FLOP/s (bf16; fp16 on the T4 and V100, which have no bf16), matched in
 # this order against torch.cuda.get_device_name() (the first key found in the name wins, so "H100 NVL"
@@ -138,7 +141,7 @@ def train_step(model, optimizer, batches: Batches, micro_steps: int, grad_clip: 
     loss and the gradient norm before clipping, as device tensors: reading them is left to the
     caller, so the step itself never waits for the device.
     """
-    loss_sum = torch.zeros((), device=batches.data.device)
+    loss_sum = torch.zeros((), device=batches.device)
     for micro in range(micro_steps):
         x, y = batches.next()
         defer_sync = hasattr(model, "no_sync") and micro < micro_steps - 1
@@ -258,7 +261,6 @@ class Run:
     start_iter: int = 0
     best_val: float = math.inf
     metrics: object = None  # metrics.jsonl, open on rank 0
-    eval_generator: torch.Generator | None = None
     nonfinite: torch.Tensor | None = None  # set by a step whose loss (or, without a scaler, gradient norm) is not finite
     scaler: torch.amp.GradScaler | None = None  # fp16's loss scaler
     skipped: torch.Tensor | None = None  # steps the scaler skipped for an overflow
@@ -293,6 +295,28 @@ def check_resumable(ckpt: dict, world: World, ckpt_path: Path) -> None:
                         f"(or without torchrun for 1)")
 
 
+def checkpoint_tokenizer(cfg: TrainConfig, given: set[str], ckpt: dict | None,
+                         init: dict | None) -> tuple[TrainConfig, dict | None]:
+    """The tokenizer state of the checkpoint a run resumes or fine-tunes (None for a new model), with
+    cfg.tokenizer set to its kind; a contradicting --tokenizer, --vocab_size or --extend_vocab is a
+    UserError."""
+    start = ckpt or init
+    if start is None:
+        return cfg, None
+    state = tokenizer_state(start)
+    kind, source = state.get("kind"), "the checkpoint" if ckpt else cfg.init_from
+    doing = "resume" if ckpt else "fine-tune"
+    if "tokenizer" in given and cfg.tokenizer != kind:
+        raise UserError(f"{source} was trained with --tokenizer={kind}: {doing} with it (or leave "
+                        f"--tokenizer out)")
+    if kind != "char" and "vocab_size" in given and not ckpt:
+        raise UserError(f"{source} brings its own {kind} tokenizer: drop --vocab_size")
+    if kind != "char" and cfg.extend_vocab:
+        raise UserError(f"--extend_vocab grows a character vocabulary, and {source} uses the {kind} tokenizer, "
+                        f"which encodes any text: drop --extend_vocab")
+    return dataclasses.replace(cfg, tokenizer=kind), state
+
+
 def setup(cfg: TrainConfig, given: set[str], ckpt: dict | None, world: World) -> Run:
     """Configuration, data, model and optimizer, restored from `ckpt` when resuming."""
     out_dir = Path(cfg.out_dir)
@@ -321,12 +345,17 @@ def setup(cfg: TrainConfig, given: set[str], ckpt: dict | None, world: World) ->
                        ("model", "model_config", "vocab"))
         cfg = adopt_architecture(cfg, given, init["model_config"], cfg.init_from)
 
-    start = ckpt or init
-    corpus = load_corpus(cfg.data_file, cfg.data_dir, vocab=start["vocab"] if start else None,
-                         extend_vocab=cfg.extend_vocab and ckpt is None,
-                         expected_sha256=ckpt["corpus_sha256"] if ckpt else None)
+    cfg, state = checkpoint_tokenizer(cfg, given, ckpt, init)
+    corpus = load_corpus(cfg.data_file, cfg.data_dir, extend_vocab=cfg.extend_vocab and ckpt is None,
+                         expected_sha256=ckpt["corpus_sha256"] if ckpt else None, tokenizer=cfg.tokenizer,
+                         vocab_size=cfg.vocab_size, tokenizer_state=state)
+    if cfg.model == "bigram" and corpus.tokenizer.vocab_size > MAX_BIGRAM_VOCAB:
+        raise UserError(f"the bigram model is a vocab x vocab table: {corpus.tokenizer.vocab_size} tokens make "
+                        f"it {corpus.tokenizer.vocab_size ** 2 / 1e6:,.0f}M parameters: train it on at most "
+                        f"{MAX_BIGRAM_VOCAB} tokens (--tokenizer=char, or bpe with a smaller --vocab_size), or "
+                        f"choose another --model")
     train_batches = Batches(corpus.train, cfg.block_size, cfg.batch_size, device, world.seed(cfg.seed, 0), "train")
-    # the val split is only evaluated: its batches come from eval_generator, not its own generator
+    # the val split is only evaluated: its batches come from its eval_generator, not its own generator
     val_batches = Batches(corpus.val, cfg.block_size, cfg.batch_size, device, world.seed(cfg.seed, 0), "val")
     model_config = cfg.model_config(corpus.tokenizer.vocab_size)
     torch.manual_seed(cfg.seed)  # the same initial weights in every process
@@ -346,7 +375,7 @@ def setup(cfg: TrainConfig, given: set[str], ckpt: dict | None, world: World) ->
               use_compile=use_compile, corpus=corpus, train_batches=train_batches, val_batches=val_batches,
               model_config=model_config, raw_model=raw_model, core=core, model=model, optimizer=optimizer,
               autocast=autocast, init_from=cfg.init_from if init is not None else "",
-              eval_generator=torch.Generator(device=device), nonfinite=torch.zeros((), dtype=torch.bool, device=device),
+              nonfinite=torch.zeros((), dtype=torch.bool, device=device),
               scaler=torch.amp.GradScaler(device.type) if dtype == "float16" else None,
               skipped=torch.zeros((), dtype=torch.int64, device=device))
     if ckpt is not None:
@@ -365,7 +394,11 @@ def restore(run: Run, ckpt: dict) -> None:
     rng = ckpt["rng"][run.world.rank]
     torch.set_rng_state(rng["torch"])
     set_device_rng_state(run.device, rng.get(run.device.type) if run.device.type != "cpu" else None)
-    run.train_batches.generator.set_state(rng["batches"])
+    try:
+        run.train_batches.generator.set_state(rng["batches"])
+    except RuntimeError:  # a CUDA generator's state for a host one, or the other way round
+        raise UserError("the checkpoint's batch stream was drawn on another kind of device (or with the split "
+                        "held elsewhere): resume on the machine that wrote it") from None
     if run.scaler is not None and ckpt.get("scaler"):
         run.scaler.load_state_dict(ckpt["scaler"])
 
@@ -393,7 +426,8 @@ def record(run: Run, **fields) -> None:
 def announce(run: Run) -> None:
     cfg, corpus, world = run.cfg, run.corpus, run.world
     run.log(f"fastgpt: {cfg.model} model, {run.raw_model.get_num_params() / 1e6:.2f}M parameters, "
-            f"{corpus.tokenizer.vocab_size} characters, {len(corpus.train):,} train / {len(corpus.val):,} val "
+            f"{corpus.tokenizer.vocab_size} {'characters' if corpus.tokenizer.kind == 'char' else f'{corpus.tokenizer.kind} tokens'}, "
+            f"{len(corpus.train):,} train / {len(corpus.val):,} val "
             f"tokens from {corpus.source}" + (f", weights from {run.init_from}" if run.init_from else ""))
     steps = cfg.gradient_accumulation_steps
     batch = (f"{steps} micro-batches of {cfg.batch_size} ({steps // world.size} per process)" if world.size > 1
@@ -477,9 +511,9 @@ def evaluate(run: Run) -> dict[str, float]:
     run.core.eval()
     losses = torch.zeros(2, device=run.device)
     for i, batches in enumerate((run.train_batches, run.val_batches)):
-        run.eval_generator.manual_seed(run.world.seed(run.cfg.seed, 1))
+        batches.eval_generator.manual_seed(run.world.seed(run.cfg.seed, 1))
         for _ in range(run.cfg.eval_iters):
-            x, y = batches.next(run.eval_generator)
+            x, y = batches.next(batches.eval_generator)
             with run.autocast:
                 _, loss = run.core(x, y)
             losses[i] += loss.float() / run.cfg.eval_iters
@@ -491,8 +525,10 @@ def evaluate(run: Run) -> dict[str, float]:
 def save(run: Run, full: bool) -> None:
     """Write best.pt (weights only) or ckpt.pt (everything resume needs: a collective call)."""
     payload = {"model": run.raw_model.state_dict(), "model_config": dataclasses.asdict(run.model_config),
-               "vocab": run.corpus.tokenizer.vocab, "corpus_sha256": run.corpus.sha256,
+               "tokenizer": run.corpus.tokenizer.state(), "corpus_sha256": run.corpus.sha256,
                "iter_num": run.iter_num, "best_val_loss": run.best_val}
+    if run.corpus.tokenizer.kind == "char":
+        payload["vocab"] = run.corpus.tokenizer.vocab  # as before the BPE, for readers that know only this
     if full:
         payload |= {
             "optimizer": run.optimizer.state_dict(), "train_config": dataclasses.asdict(run.cfg),
@@ -633,7 +669,7 @@ def summarise(run: Run) -> None:
         # an fp32 set of them (tens of seconds on a GPU) for milliseconds of work
         with kernels.backend("reference"):
             (text,) = complete(run.raw_model.eval(), run.corpus.tokenizer, prompt, cfg.sample_chars, cfg.seed)
-        run.log("sample:\n" + text[len(prompt):])
+        run.log("sample:\n" + text[len(prompt):][:cfg.sample_chars])  # a BPE's tokens are several characters
 
 
 if __name__ == "__main__":

@@ -70,13 +70,13 @@ def test_load_corpus_splits_90_10(small_corpus, tmp_path):
     assert corpus.train.dtype == np.uint8 and corpus.val.dtype == np.uint8
 
 
-def test_load_corpus_large_vocab_uses_int32(tmp_path):
+def test_load_corpus_large_vocab_uses_uint16(tmp_path):
     text = "".join(chr(0x100 + i) for i in range(300)) * 3
     path = tmp_path / "wide.txt"
     path.write_text(text, encoding="utf-8")
     corpus = load_corpus(str(path), tmp_path / "data")
     assert corpus.tokenizer.vocab_size == 300
-    assert corpus.train.dtype == np.int32
+    assert corpus.train.dtype == np.uint16
     assert corpus.tokenizer.decode(np.concatenate([corpus.train, corpus.val])) == text
 
 
@@ -97,7 +97,7 @@ def count_encodes(monkeypatch):
 def test_second_load_reads_the_cache(small_corpus, tmp_path, count_encodes):
     first = load_corpus(str(small_corpus), tmp_path / "data")
     assert len(count_encodes) == 1
-    assert len(list((tmp_path / "data" / "cache").glob(f"{first.sha256}-*.npz"))) == 1
+    assert len(list((tmp_path / "data" / "cache").glob(f"{first.sha256}-char-*.bin"))) == 1
     second = load_corpus(str(small_corpus), tmp_path / "data")
     assert len(count_encodes) == 1  # not encoded again
     assert second.tokenizer.vocab == first.tokenizer.vocab
@@ -130,19 +130,20 @@ def test_changed_file_is_encoded_again(small_corpus, tmp_path, count_encodes):
 
 def damage(path: Path, how: str) -> None:
     raw = path.read_bytes()
-    path.write_bytes({"garbage": b"this is not an npz file", "empty": b"", "truncated": raw[:len(raw) // 2],
+    path.write_bytes({"garbage": b"this is not a token file", "empty": b"", "truncated": raw[:len(raw) // 2],
                       "flipped byte": raw[:100] + bytes([raw[100] ^ 0xFF]) + raw[101:]}[how])
 
 
+@pytest.mark.parametrize("suffix", [".bin", ".json"])
 @pytest.mark.parametrize("how", [
     "garbage",
     "empty",
     "truncated",
     "flipped byte",
 ])
-def test_damaged_cache_is_rebuilt(small_corpus, tmp_path, count_encodes, how):
+def test_damaged_cache_is_rebuilt(small_corpus, tmp_path, count_encodes, how, suffix):
     first = load_corpus(str(small_corpus), tmp_path / "data")
-    (cache,) = (tmp_path / "data" / "cache").glob("*.npz")
+    (cache,) = (tmp_path / "data" / "cache").glob(f"*{suffix}")
     damage(cache, how)
     second = load_corpus(str(small_corpus), tmp_path / "data")
     np.testing.assert_array_equal(second.train, first.train)
