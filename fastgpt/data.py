@@ -27,6 +27,7 @@ import glob
 import hashlib
 import itertools
 import json
+import mmap
 import os
 import sys
 import tempfile
@@ -49,8 +50,7 @@ TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca
 TRAIN_FRACTION = 0.9
 CACHE_VERSION = 3  # bump when the cached layout or the split changes
 BPE_VERSION = 1  # bump when the BPE's training changes
-CHUNK_BYTES = 1 << 24  # text read, decoded and encoded at a time
-BYTE_LEVEL_CHUNK_BYTES = 1 << 22  # the byte-level encoders hold ~40 bytes per token of a chunk
+CHUNK_BYTES = 1 << 20  # text read, decoded and encoded at a time: the encoders hold up to ~40 bytes a byte
 MAP_BYTES = 1 << 26  # token files larger than this are memory-mapped, smaller ones read
 
 
@@ -224,8 +224,9 @@ class Text:
         return sum(self.sizes)
 
 
-def read_chunks(path: Path, start: int = 0, stop: int | None = None, size: int = CHUNK_BYTES) -> Iterator[bytes]:
-    """The bytes [start, stop) of a file in chunks; an unreadable file is a UserError."""
+def read_chunks(path: Path, start: int = 0, stop: int | None = None) -> Iterator[bytes]:
+    """The bytes [start, stop) of a file in chunks of CHUNK_BYTES; an unreadable file is a UserError."""
+    size = CHUNK_BYTES
     try:
         with path.open("rb") as f:
             f.seek(start)
@@ -254,10 +255,10 @@ def scan(files: list[Path], want_chars: bool, flag: str = "--data_file") -> Text
         for chunk in itertools.chain(read_chunks(path), [b""]):
             head = head or chunk[:2]
             sha.update(chunk)
+            pending = len(decoder.getstate()[0])  # the bytes of a character the last chunk cut
             try:
                 text = decoder.decode(chunk, final=not chunk)
-            except UnicodeDecodeError as e:
-                pending = len(decoder.getstate()[0]) if not chunk else 0
+            except UnicodeDecodeError as e:  # e.start counts from the pending bytes
                 raise not_utf8(path, offset - pending + e.start, head, flag) from None
             if seen is not None and text:
                 seen[np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)] = True
@@ -271,7 +272,7 @@ def scan(files: list[Path], want_chars: bool, flag: str = "--data_file") -> Text
     return Text(files, sizes, sha.hexdigest(), chars)
 
 
-def text_chunks(text: Text, start: int = 0, stop: int | None = None, chunk_bytes: int = CHUNK_BYTES,
+def text_chunks(text: Text, start: int = 0, stop: int | None = None,
                 progress: Progress | None = None) -> Iterator[str]:
     """The decoded text of the bytes [start, stop) of the files read as one, in chunks; `start` and `stop`
     fall on character boundaries, and a character split across a chunk's edge is decoded whole."""
@@ -282,7 +283,7 @@ def text_chunks(text: Text, start: int = 0, stop: int | None = None, chunk_bytes
         if lo < hi:
             decoder = codecs.getincrementaldecoder("utf-8")()
             try:
-                for chunk in read_chunks(path, lo - pos, hi - pos, chunk_bytes):
+                for chunk in read_chunks(path, lo - pos, hi - pos):
                     yield decoder.decode(chunk)
                     if progress is not None:
                         progress.update(len(chunk))
@@ -351,7 +352,7 @@ def trained_bpe(text: Text, data_dir: str | Path, vocab_size: int) -> BPETokeniz
                 pass  # damaged: trained again below
         stop = split_point(text)
         progress = Progress(f"training a BPE of {vocab_size} tokens", stop)
-        tokenizer = BPETokenizer.train(pretoken_chunks(text_chunks(text, 0, stop, BYTE_LEVEL_CHUNK_BYTES, progress)),
+        tokenizer = BPETokenizer.train(pretoken_chunks(text_chunks(text, 0, stop, progress)),
                                        vocab_size)
         progress.close()
         try:
@@ -407,7 +408,10 @@ def read_tokens(stem: Path, vocab_size: int) -> tuple[np.ndarray, int] | None:
         if path.stat().st_size <= MAP_BYTES:  # small: in memory, like any array
             return np.fromfile(path, dtype=dtype, count=n), n_train
         # copy-on-write mapping: writable for torch.from_numpy, shared page cache, never written
-        return np.memmap(path, dtype=dtype, mode="c", shape=(n,)), n_train
+        tokens = np.memmap(path, dtype=dtype, mode="c", shape=(n,))
+        with contextlib.suppress(AttributeError, OSError):  # batches are random windows: no read-ahead
+            tokens._mmap.madvise(mmap.MADV_RANDOM)
+        return tokens, n_train
     except (OSError, ValueError, KeyError, TypeError, UserError):
         return None
 
@@ -434,9 +438,9 @@ def write_tokens(stem: Path, text: Text, tokenizer: Tokenizer) -> None:
             n_train = int(count * TRAIN_FRACTION)
             return
         split = split_point(text)  # a BPE: each split's text encoded apart
-        write_part(f, pretoken_chunks(text_chunks(text, 0, split, BYTE_LEVEL_CHUNK_BYTES, progress)))
+        write_part(f, pretoken_chunks(text_chunks(text, 0, split, progress)))
         n_train = count
-        write_part(f, pretoken_chunks(text_chunks(text, split, None, BYTE_LEVEL_CHUNK_BYTES, progress)))
+        write_part(f, pretoken_chunks(text_chunks(text, split, None, progress)))
 
     n_train = 0
     atomic_write(Path(f"{stem}.bin"), write)

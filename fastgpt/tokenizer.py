@@ -35,9 +35,10 @@ def require_module(name: str, purpose: str):
                         f"{name})") from None
 
 
-def pieces(text: str, size: int = PIECE_CHARS) -> Iterator[str]:
-    """`text` in pieces of about `size` characters, each cut at a pre-tokenizer boundary when there is one
-    within the next `size` characters (a text without spaces is cut at `size`)."""
+def pieces(text: str, size: int | None = None) -> Iterator[str]:
+    """`text` in pieces of about `size` (PIECE_CHARS) characters, each cut at a pre-tokenizer boundary when
+    there is one within the next `size` characters (a text without spaces is cut at `size`)."""
+    size = size or PIECE_CHARS
     start = 0
     while len(text) - start > size:
         m = _CUT.search(text, start + size, start + 2 * size)
@@ -70,8 +71,9 @@ class CharTokenizer:
         self.vocab = vocab
         self._stoi = {c: i for i, c in enumerate(vocab)}
         codepoints = np.array([ord(c) for c in vocab], dtype=np.int64)
-        # codepoint -> id, -1 outside the vocabulary: one gather per character of a chunk
-        self._table = np.full(int(codepoints.max(initial=0)) + 1, -1, dtype=np.int64)
+        # codepoint -> id, -1 outside the vocabulary (and for the one code point past the largest): one
+        # gather per character of a chunk
+        self._table = np.full(max(int(codepoints.max(initial=0)) + 2, 256), -1, dtype=np.int64)
         self._table[codepoints] = np.arange(len(vocab))
 
     @classmethod
@@ -91,9 +93,12 @@ class CharTokenizer:
 
     def encode(self, text: str) -> np.ndarray:
         """Token ids of `text` (which must use only vocabulary characters), as int64."""
-        codepoints = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32).astype(np.int64)
-        ids = self._table[np.minimum(codepoints, len(self._table) - 1)]
-        if len(ids) and (ids.min() < 0 or codepoints.max() >= len(self._table)):
+        if text.isascii():  # bytes index the table (which has at least 256 entries) directly
+            ids = self._table[np.frombuffer(text.encode("ascii"), dtype=np.uint8)]
+        else:
+            codepoints = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+            ids = self._table[np.minimum(codepoints, len(self._table) - 1)]  # past the table: its final -1
+        if len(ids) and ids.min() < 0:
             raise ValueError(f"text has characters outside the vocabulary: {self.unknown(text)!r}")
         return ids
 
