@@ -23,6 +23,7 @@ from fastgpt.config import UserError
 
 EXTRA = "bpe"  # the optional dependencies' extra: pip install -e ".[bpe]"
 PIECE_CHARS = 1 << 16  # text per piece handed to the byte-level encoders (they encode pieces in parallel)
+MAX_RUN = 1 << 16  # a piece ends within this many characters past its size, at a boundary if there is one
 _CUT = re.compile(r"(?<=\S)(?=\s)")  # a boundary of GPT-2's pre-tokenizer: no token spans it
 
 
@@ -36,13 +37,13 @@ def require_module(name: str, purpose: str):
 
 
 def pieces(text: str, size: int | None = None) -> Iterator[str]:
-    """`text` in pieces of about `size` (PIECE_CHARS) characters, each cut at a pre-tokenizer boundary when
-    there is one within the next `size` characters (a text without spaces is cut at `size`)."""
+    """`text` in pieces of about `size` (PIECE_CHARS) characters, each cut at the first pre-tokenizer
+    boundary past `size` (a run of MAX_RUN characters without one is cut where it ends)."""
     size = size or PIECE_CHARS
     start = 0
     while len(text) - start > size:
-        m = _CUT.search(text, start + size, start + 2 * size)
-        end = m.start() if m else start + size
+        m = _CUT.search(text, start + size, start + size + MAX_RUN)
+        end = m.start() if m else start + size + MAX_RUN  # a run that long without a space: cut it
         yield text[start:end]
         start = end
     if start < len(text) or not text:

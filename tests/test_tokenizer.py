@@ -58,12 +58,14 @@ def test_bpe_encodes_alike_in_one_piece_or_many(bpe, monkeypatch):
         np.testing.assert_array_equal(bpe.encode(text), whole)
 
 
-def test_pieces_cover_the_text_and_cut_before_whitespace():
+def test_pieces_cover_the_text_and_cut_before_whitespace(monkeypatch):
     text = "abc def\n\nghi  jkl " * 50
     parts = list(pieces(text, 10))
     assert "".join(parts) == text and len(parts) > 10
     assert all(p[-1:].strip() and not parts[i + 1][:1].strip() for i, p in enumerate(parts[:-1]))
-    assert list(pieces("x" * 25, 10)) == ["x" * 10, "x" * 10, "x" * 5]  # no boundary: cut at the size
+    assert list(pieces("x" * 25, 10)) == ["x" * 25]  # no boundary: one piece
+    monkeypatch.setattr(tk, "MAX_RUN", 5)
+    assert list(pieces("x" * 25, 10)) == ["x" * 15, "x" * 10]  # until the run is too long
     assert list(pieces("")) == [""]
 
 

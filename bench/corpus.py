@@ -1,0 +1,131 @@
+"""Large corpora: how long the trainer takes to start on one, and at what peak memory, first (reading,
+training a BPE, encoding) and second (the cached tokens); and each stage's throughput.
+
+    python -m bench.corpus --mb=600 --out=bench/results [--tokenizers=char,bpe] [--vocab_size=4096]
+
+The corpus is Tiny Shakespeare repeated to `--mb` MB (the issue's 600 MB case is 540 copies), written
+under `--work` (default: a temporary directory, removed after). Each start is `python -m fastgpt.train`
+with one iteration, in a subprocess whose peak resident set the kernel reports (`wait4`); it counts the
+pages of the token file that the batches map, which are page cache the kernel can reclaim. Stage
+throughputs are measured in this process: reading (sha256, UTF-8 check, the character set), training
+the BPE, encoding, each on the whole corpus. Writes `<date>-corpus-<MB>mb.json` and `.md` to `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from fastgpt import data
+from fastgpt.data import TINY_SHAKESPEARE_SHA256
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def make_corpus(path: Path, mb: int, source: Path) -> None:
+    base = source.read_bytes()
+    with path.open("wb") as f:
+        for _ in range(max(1, round(mb * 1_000_000 / len(base)))):
+            f.write(base)
+
+
+def start(corpus: Path, data_dir: Path, out_dir: Path, tokenizer: str, vocab_size: int) -> dict:
+    """One trainer start (one iteration): wall seconds and peak resident MB of the process."""
+    flags = [f"--data_file={corpus}", f"--data_dir={data_dir}", f"--out_dir={out_dir}", "--overwrite",
+             "--max_iters=1", "--eval_iters=1", "--sample_chars=0", "--device=cpu", f"--tokenizer={tokenizer}"]
+    if tokenizer == "bpe":
+        flags.append(f"--vocab_size={vocab_size}")
+    began = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "fastgpt.train", *flags], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - began
+    stderr = proc.stderr.read().decode(errors="replace")
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"bench.corpus: the trainer failed:\n{stderr[-2000:]}")
+    return {"seconds": round(seconds, 2), "peak_mb": round(usage.ru_maxrss / 1024)}
+
+
+def stages(corpus: Path, work: Path, tokenizer: str, vocab_size: int) -> dict:
+    """MB/s of reading, (training the BPE,) and encoding the whole corpus, in this process."""
+    files = data.corpus_files(str(corpus), work)
+    mb = files[0].stat().st_size / 1e6
+    began = time.perf_counter()
+    text = data.scan(files, want_chars=tokenizer == "char")
+    result = {"read_mb_s": round(mb / (time.perf_counter() - began), 1)}
+    began = time.perf_counter()
+    tok = data.make_tokenizer(tokenizer, text, work / "stages", vocab_size, None, False, str(corpus))
+    if tokenizer == "bpe":
+        result["bpe_train_mb_s"] = round(mb * data.TRAIN_FRACTION / (time.perf_counter() - began), 1)
+    began = time.perf_counter()
+    data.write_tokens(work / "stages" / "tokens", text, tok)
+    result["encode_mb_s"] = round(mb / (time.perf_counter() - began), 1)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mb", type=int, default=600)
+    parser.add_argument("--tokenizers", default="char,bpe")
+    parser.add_argument("--vocab_size", type=int, default=4096)
+    parser.add_argument("--source", default="", help="Tiny Shakespeare (default: data/ or ../shared/data/)")
+    parser.add_argument("--work", default="", help="where the corpus and caches go (default: a temp dir)")
+    parser.add_argument("--out", default="bench/results")
+    args = parser.parse_args()
+    source = Path(args.source) if args.source else next(
+        p for p in (ROOT / "data/tinyshakespeare/input.txt", ROOT.parent / "shared/data/tinyshakespeare/input.txt")
+        if p.is_file())
+    work = Path(args.work or tempfile.mkdtemp(prefix="fastgpt-corpus-"))
+    work.mkdir(parents=True, exist_ok=True)
+    corpus = work / f"shakespeare-{args.mb}mb.txt"
+    make_corpus(corpus, args.mb, source)
+    report = {"date": datetime.date.today().isoformat(), "machine": f"{platform.processor() or platform.machine()}, "
+              f"{os.cpu_count()} cores", "command": "python -m bench.corpus " + " ".join(sys.argv[1:]),
+              "corpus_mb": round(corpus.stat().st_size / 1e6, 1), "source_sha256": TINY_SHAKESPEARE_SHA256,
+              "vocab_size": args.vocab_size, "results": {}}
+    try:
+        for tokenizer in args.tokenizers.split(","):
+            data_dir = work / f"data-{tokenizer}"
+            shutil.rmtree(data_dir, ignore_errors=True)
+            row = {"first": start(corpus, data_dir, work / "out", tokenizer, args.vocab_size),
+                   "second": start(corpus, data_dir, work / "out", tokenizer, args.vocab_size)}
+            shutil.rmtree(work / "stages", ignore_errors=True)
+            row |= stages(corpus, work, tokenizer, args.vocab_size)
+            report["results"][tokenizer] = row
+            print(tokenizer, json.dumps(row), flush=True)
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"{report['date']}-corpus-{args.mb}mb"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    stem.with_suffix(".md").write_text(markdown(report))
+    print(f"wrote {stem}.json and .md")
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# Trainer start on a {report['corpus_mb']:,} MB corpus ({report['date']})", "",
+             f"Machine: {report['machine']}. Command: `{report['command']}`. The corpus is Tiny Shakespeare "
+             f"repeated; the BPE has {report['vocab_size']} tokens. Peak memory is the start's peak resident "
+             f"set (wait4), which includes token-file pages the batches map (page cache).", "",
+             "| tokenizer | first start | peak | second start | peak | read | BPE training | encoding |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, r in report["results"].items():
+        lines.append(f"| {name} | {r['first']['seconds']} s | {r['first']['peak_mb']} MB | {r['second']['seconds']} s "
+                     f"| {r['second']['peak_mb']} MB | {r['read_mb_s']} MB/s | "
+                     f"{str(r['bpe_train_mb_s']) + ' MB/s' if 'bpe_train_mb_s' in r else '-'} | {r['encode_mb_s']} MB/s |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
