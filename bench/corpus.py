@@ -45,12 +45,15 @@ def start(corpus: Path, data_dir: Path, out_dir: Path, tokenizer: str, vocab_siz
     if tokenizer == "bpe":
         flags.append(f"--vocab_size={vocab_size}")
     began = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "fastgpt.train", *flags], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - began
-    stderr = proc.stderr.read().decode(errors="replace")
-    if os.waitstatus_to_exitcode(status) != 0:
+    with tempfile.TemporaryFile() as err:  # a file, not a pipe: nothing blocks the trainer's progress lines
+        proc = subprocess.Popen([sys.executable, "-m", "fastgpt.train", *flags], cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait for it again
+        seconds = time.perf_counter() - began
+        err.seek(0)
+        stderr = err.read().decode(errors="replace")
+    if proc.returncode != 0:
         raise SystemExit(f"bench.corpus: the trainer failed:\n{stderr[-2000:]}")
     return {"seconds": round(seconds, 2), "peak_mb": round(usage.ru_maxrss / 1024)}
 

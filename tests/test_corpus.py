@@ -301,3 +301,21 @@ def test_memory_of_a_large_corpus_stays_bounded(tmp_path, shakespeare_path, toke
     assert first - baseline < bound_mb, (baseline, first)
     assert second - baseline < bound_mb, (baseline, second)
     assert grown_first < 8 and grown_second < 8
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned buffers and non-blocking copies need CUDA")
+def test_host_batches_reach_the_gpu_whole(monkeypatch):
+    """A split too large for the GPU: windows gathered on the host, copied without blocking through two
+    pinned buffers; every batch arrives whole on the device, however fast the next one is drawn."""
+    cuda = torch.device("cuda")
+    values = (np.arange(50_000, dtype=np.int64) * 7919) % 65536  # distinct (7919 is odd), up to the top bit
+    monkeypatch.setattr(data, "fits_on", lambda device, nbytes: False)
+    batches = Batches(values.astype(np.uint16), 64, 32, cuda, seed=0)
+    assert not batches.on_device and batches._buffers[0].is_pinned()
+    drawn = [batches.next() for _ in range(8)]  # queued before any is read
+    table = torch.from_numpy(values).to(cuda)
+    for x, y in drawn:
+        assert x.device.type == "cuda" and x.dtype == torch.int64
+        start = (x[:, :1] == table[None, :-64]).float().argmax(dim=1, keepdim=True)  # each row's first token
+        windows = start + torch.arange(64, device=cuda)
+        assert torch.equal(table[windows], x) and torch.equal(table[windows + 1], y)
