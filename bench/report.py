@@ -357,7 +357,10 @@ def kernels_digest() -> str:
 def subprocess_env(args) -> dict:
     cache = Path(args.cache_dir).resolve()
     inductor = cache / f"inductor-{kernels_digest()}"
-    env = {**os.environ, "TRITON_CACHE_DIR": str(cache / "triton"), "TORCHINDUCTOR_CACHE_DIR": str(inductor),
+    # a report run from a pytest-xdist worker (its own tests) must not hand the worker's variables on:
+    # pytest-benchmark reads PYTEST_XDIST_WORKER as "parallel" and disables every benchmark
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST_")}
+    env = {**inherited, "TRITON_CACHE_DIR": str(cache / "triton"), "TORCHINDUCTOR_CACHE_DIR": str(inductor),
            # Inductor's compiled graphs and AOTAutograd's joint graphs, reused by a later process
            "TORCHINDUCTOR_FX_GRAPH_CACHE": "1", "TORCHINDUCTOR_AUTOGRAD_CACHE": "1",
            "FASTGPT_CACHE_DIR": str(cache / "fastgpt"), "PYTHONUNBUFFERED": "1",
