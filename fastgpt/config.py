@@ -113,6 +113,7 @@ class TrainConfig:
     reference: bool = False  # run every kernel as its PyTorch reference
     seed: int = 1337  # seeds the weights, dropout and batch sampling
     sample_chars: int = 200  # characters of sample printed at the end; 0 = none
+    tensorboard: bool = False  # also write the metrics as TensorBoard event files under out_dir/tb
 
     def model_config(self, vocab_size: int) -> GPTConfig:
         """The GPTConfig these settings describe, for a corpus of vocab_size characters."""

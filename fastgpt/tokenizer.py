@@ -18,8 +18,9 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
-from fastgpt.config import TOKENIZERS as KINDS
-from fastgpt.config import UserError
+from fastgpt.config import TOKENIZERS, UserError
+
+KINDS = TOKENIZERS  # the --tokenizer values
 
 EXTRA = "bpe"  # the optional dependencies' extra: pip install -e ".[bpe]"
 PIECE_CHARS = 1 << 16  # text per piece handed to the byte-level encoders (they encode pieces in parallel)

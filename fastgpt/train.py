@@ -261,6 +261,7 @@ class Run:
     start_iter: int = 0
     best_val: float = math.inf
     metrics: object = None  # metrics.jsonl, open on rank 0
+    tensorboard: object = None  # a SummaryWriter on rank 0 with --tensorboard
     nonfinite: torch.Tensor | None = None  # set by a step whose loss (or, without a scaler, gradient norm) is not finite
     scaler: torch.amp.GradScaler | None = None  # fp16's loss scaler
     skipped: torch.Tensor | None = None  # steps the scaler skipped for an overflow
@@ -328,6 +329,8 @@ def setup(cfg: TrainConfig, given: set[str], ckpt: dict | None, world: World) ->
     if cfg.gradient_accumulation_steps % world.size:
         raise UserError(f"--gradient_accumulation_steps={cfg.gradient_accumulation_steps} is the global "
                         f"number of micro-batches and must be a multiple of the {world.size} processes")
+    if cfg.tensorboard:
+        summary_writer_class()  # a missing extra is said before the corpus is read
     device = world.device
     kernels.set_backend("reference" if cfg.reference else "auto")
     try:
@@ -415,12 +418,43 @@ def open_metrics(run: Run) -> None:
     elif not run.resumed:
         path.write_text("")
     run.metrics = path.open("a")
+    if run.cfg.tensorboard:
+        run.tensorboard = open_tensorboard(run.out_dir / "tb", run.iter_num + 1 if run.resumed else None)
+
+
+# metrics.jsonl's fields and their TensorBoard tags
+TENSORBOARD_TAGS = {"loss": "train/loss", "val_loss": "val/loss", "train_loss": "train/eval_loss", "lr": "lr",
+                    "grad_norm": "grad_norm", "tokens_per_sec": "tokens_per_sec", "mfu": "mfu",
+                    "ms_per_iter": "ms_per_iter"}
+
+
+def summary_writer_class():
+    """torch's SummaryWriter, or a UserError naming the extra that installs TensorBoard."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError('--tensorboard needs the tensorboard package: pip install -e ".[tensorboard]"') from None
+    return SummaryWriter
+
+
+def open_tensorboard(log_dir: Path, resumed_at: int | None):
+    """A SummaryWriter into log_dir: a new run starts it empty, a resumed one drops the events from
+    `resumed_at` on (TensorBoard's purge_step: the steps after its checkpoint's)."""
+    SummaryWriter = summary_writer_class()
+    if resumed_at is None:
+        for old in log_dir.glob("events.out.tfevents.*"):  # an earlier run's, replaced by this one
+            old.unlink()
+    return SummaryWriter(log_dir=str(log_dir), purge_step=resumed_at, flush_secs=10)
 
 
 def record(run: Run, **fields) -> None:
     if run.metrics is not None:
         run.metrics.write(json.dumps(fields) + "\n")
         run.metrics.flush()
+    if run.tensorboard is not None and "iter" in fields:
+        for name, tag in TENSORBOARD_TAGS.items():
+            if isinstance(fields.get(name), (int, float)):
+                run.tensorboard.add_scalar(tag, fields[name], fields["iter"])
 
 
 def announce(run: Run) -> None:
@@ -650,6 +684,8 @@ def summarise(run: Run) -> None:
            stopped_by=run.stopped.name if run.stopped is not None else None)
     if run.metrics is not None:
         run.metrics.close()
+    if run.tensorboard is not None:
+        run.tensorboard.close()
     if run.stopped is not None:
         return
     run.log(f"{run.iter_num - run.start_iter} iterations in {train_seconds:.1f} s of training, "

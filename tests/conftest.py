@@ -166,3 +166,23 @@ def aot_compile():
 
     return compile_module
 
+
+@pytest.fixture
+def stand_in_gpt2(monkeypatch):
+    """tiktoken's get_encoding returns a small encoding of GPT-2's kind (its pattern, byte-level ranks and
+    an end-of-text token): GPT-2's own files come from the network. The names asked for are returned."""
+    tiktoken = pytest.importorskip("tiktoken")
+    ranks = {bytes([i]): i for i in range(256)}
+    for pair in (b"th", b"he", b"the", b" t", b" the", b"e ", b"in", b"an", b"er"):
+        ranks.setdefault(pair, len(ranks))
+    pattern = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+    encoding = tiktoken.Encoding("gpt2-stand-in", pat_str=pattern, mergeable_ranks=ranks,
+                                 special_tokens={"<|endoftext|>": len(ranks)})
+    calls = []
+
+    def get_encoding(name):
+        calls.append(name)
+        return encoding
+
+    monkeypatch.setattr(tiktoken, "get_encoding", get_encoding)
+    return calls

@@ -139,31 +139,13 @@ def test_bad_tokenizer_flags_are_one_line_and_exit_2(small_corpus_module, tmp_pa
 # GPT-2's tokenizer, on a stand-in encoding of the same kind (tiktoken, GPT-2's pattern)
 
 
-@pytest.fixture
-def stand_in_gpt2(monkeypatch):
-    tiktoken = pytest.importorskip("tiktoken")
-    ranks = {bytes([i]): i for i in range(256)}
-    for pair in (b"th", b"he", b"the", b" t", b" the", b"e ", b"in", b"an", b"er"):
-        ranks.setdefault(pair, len(ranks))
-    pattern = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-    encoding = tiktoken.Encoding("gpt2-stand-in", pat_str=pattern, mergeable_ranks=ranks, special_tokens={})
-    calls = []
-
-    def get_encoding(name):
-        calls.append(name)
-        return encoding
-
-    monkeypatch.setattr(tiktoken, "get_encoding", get_encoding)
-    return calls
-
-
 def test_gpt2_trains_samples_and_stores_only_its_name(stand_in_gpt2, small_corpus_module, tmp_path, capsys):
     out = tmp_path / "out"
     assert train.main([f"--data_file={small_corpus_module}", f"--data_dir={tmp_path}", f"--out_dir={out}", *TINY,
                        "--tokenizer=gpt2", "--max_iters=4"]) == 0
     ckpt = load_checkpoint(out / "ckpt.pt")
     assert ckpt["tokenizer"] == {"kind": "gpt2"} and stand_in_gpt2 == ["gpt2"]
-    assert ckpt["model_config"]["vocab_size"] == 265
+    assert ckpt["model_config"]["vocab_size"] == 266  # 265 ranks and the end-of-text token
     assert sample.main([f"--out_dir={out}", "--prompt=the night", "--max_new_tokens=5", "--num_samples=1"]) == 0
     assert "the night" in capsys.readouterr().out
 
