@@ -4,7 +4,9 @@
 Takes the trainer's flags (not --model, --resume or --init_from) and trains bigram, attention, multihead,
 feedforward, blocks and gpt in turn, each into out_dir/<model>; then prints a markdown table
 (parameters, final train and val loss, training tokens/s, a 100-character sample) and writes it to
-out_dir/compare.md and out_dir/compare.json.
+out_dir/compare.md and out_dir/compare.json, and draws out_dir/compare.png: the models' val loss curves
+on one chart and a bar of each final val loss (with matplotlib, the `plot` extra; without it the chart is
+skipped with a note).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from fastgpt.checkpoint import load_checkpoint, model_from_checkpoint
 from fastgpt.config import PRESETS, TrainConfig, UserError, format_help, parse_train_args, run_main
 from fastgpt.tokenizer import default_prompt
 from fastgpt.model import MODELS
+from fastgpt.plot import compare_figure, read_run, save
 from fastgpt.sample import complete
 
 DEFAULT_OUT_DIR = "out-compare"
@@ -85,7 +88,13 @@ def main(argv: list[str]) -> int:
     (out_root / "compare.md").write_text(table + "\n")
     (out_root / "compare.json").write_text(json.dumps({"argv": argv, "rows": rows}, indent=2) + "\n")
     print(table)
-    print(f"written to {out_root / 'compare.md'} and {out_root / 'compare.json'}", file=sys.stderr)
+    written = [out_root / "compare.md", out_root / "compare.json"]
+    try:
+        save(compare_figure(rows, [read_run(out_root / r["model"]) for r in rows]), out_root / "compare.png")
+        written.append(out_root / "compare.png")
+    except UserError as e:  # no matplotlib: the table is the result, the chart a note
+        print(f"fastgpt.compare: no chart: {e}", file=sys.stderr)
+    print(f"written to {', '.join(map(str, written))}", file=sys.stderr)
     return 0
 
 
