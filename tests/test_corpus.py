@@ -173,6 +173,7 @@ def test_a_damaged_cached_bpe_is_trained_again(bpe_text, tmp_path):
     assert again.tokenizer.state() == first.tokenizer.state()
 
 
+@pytest.mark.slow
 def test_processes_racing_to_build_one_cache_agree(bpe_text, tmp_path):
     script = textwrap.dedent(f"""
         import hashlib, numpy as np

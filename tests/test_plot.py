@@ -117,6 +117,7 @@ def test_the_attention_picture_has_a_heatmap_per_layer_and_head(two_runs, tmp_pa
     assert ax.get_images()[0].get_array().shape == (len(ids), len(ids))
 
 
+@pytest.mark.slow
 def test_compare_draws_the_six_models(tmp_path, small_corpus):
     out = tmp_path / "cmp"
     assert compare.main([f"--data_file={small_corpus}", f"--data_dir={tmp_path}", f"--out_dir={out}",

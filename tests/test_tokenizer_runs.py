@@ -62,6 +62,7 @@ def test_sampling_a_bpe_model_decodes_any_prompt(bpe_run, capsys):
     assert text.count("ROMEO: 日本 zebra") == 2
 
 
+@pytest.mark.slow
 def test_a_resumed_bpe_run_is_bit_exact(small_corpus_module, tmp_path):
     common = [f"--data_file={small_corpus_module}", f"--data_dir={tmp_path}", *TINY, *BPE, "--dropout=0.1"]
     straight, split = tmp_path / "straight", tmp_path / "split"
