@@ -113,10 +113,14 @@ def to_hf(ckpt: dict, path: Path, out: Path) -> list[Path]:
     transformers.utils.logging.disable_progress_bar()
     model, tokenizer = exportable(ckpt, path, "hf")
     c = model.config
+    # GPT-2's end-of-text token is its bos and eos, as in GPT-2's own config; the others have none
+    special = sorted(tokenizer._enc._special_tokens.items(), key=lambda item: item[1]) if isinstance(
+        tokenizer, GPT2Tokenizer) else []
+    end = special[0] if special else (None, None)
     config = transformers.GPT2Config(
         vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
         n_inner=4 * c.n_embd, activation_function="gelu", layer_norm_epsilon=1e-5, resid_pdrop=c.dropout,
-        embd_pdrop=c.dropout, attn_pdrop=c.dropout, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+        embd_pdrop=c.dropout, attn_pdrop=c.dropout, bos_token_id=end[1], eos_token_id=end[1], pad_token_id=None,
         tie_word_embeddings=True)
     hf = transformers.GPT2LMHeadModel(config)
     missing, unexpected = hf.load_state_dict(hf_state(model), strict=False)
@@ -126,7 +130,8 @@ def to_hf(ckpt: dict, path: Path, out: Path) -> list[Path]:
                         f"export a checkpoint of --model=gpt")
     out.mkdir(parents=True, exist_ok=True)
     hf.save_pretrained(out, safe_serialization=True)
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=hf_tokenizer(tokenizer),
+    names = {"bos_token": end[0], "eos_token": end[0]} if end[0] else {}
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=hf_tokenizer(tokenizer), **names,
                                                 clean_up_tokenization_spaces=False, model_max_length=c.block_size)
     fast.save_pretrained(out)
     return sorted(p for p in out.iterdir() if p.is_file())

@@ -83,9 +83,13 @@ def test_transformers_loads_the_hf_export_with_our_logits_and_text(tmp_path, tok
     assert a.shape == b.shape == (1, len(ids), tokenizer.vocab_size)
     assert (a - b).abs().max() <= 1e-4
     n = ours.config.block_size - len(ids)  # transformers' GPT-2 stops at n_positions; fastgpt would slide on
+    assert hf.config.eos_token_id == (tokenizer.vocab_size - 1 if kind == "gpt2" else None)  # GPT-2's end of text
+    hf.generation_config.eos_token_id = None  # fastgpt's greedy loop does not stop at it either
     theirs = hf.generate(x, max_new_tokens=n, do_sample=False, pad_token_id=0)[0].tolist()
     assert len(theirs) == ours.config.block_size and theirs == greedy(ours, ids, n)
     assert hf_tok.decode(theirs) == tokenizer.decode(theirs)
+    if kind == "gpt2":
+        assert hf_tok.eos_token == "<|endoftext|>" and hf_tok.eos_token_id == tokenizer.vocab_size - 1
 
 
 def test_hf_export_of_a_model_without_biases_has_zero_biases(tmp_path, tokenizers_by_kind):
@@ -239,11 +243,16 @@ def test_bad_inputs_are_one_line_and_exit_2(tmp_path, tokenizers_by_kind, cli, c
         export.main([f"--checkpoint={tmp_path / 'best.pt'}", "--format=nanogpt", f"--out={tmp_path}"])
         (tmp_path / "meta.pkl").write_bytes(pickle.dumps({"itos": dict(enumerate("abcd"))}))
         fmt, extra = "fastgpt", [f"--meta={tmp_path / 'meta.pkl'}"]
-    result = cli("fastgpt.export", f"--checkpoint={path}", f"--format={fmt}", f"--out={tmp_path / 'out'}", *extra)
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    assert message in lines[0]
+    argv = [f"--checkpoint={path}", f"--format={fmt}", f"--out={tmp_path / 'out'}", *extra]
+    if case in ("truncated", "bigram"):  # the command line's side: one line on stderr, exit 2
+        result = cli("fastgpt.export", *argv)
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in result.stderr and message in lines[0], result.stderr
+    else:  # the message (a UserError is that one line)
+        with pytest.raises(UserError) as error:
+            export.main(argv)
+        assert message in str(error.value) and "\n" not in str(error.value)
 
 
 def test_a_missing_extra_is_named(tmp_path, tokenizers_by_kind, monkeypatch):

@@ -147,20 +147,28 @@ def test_bad_plot_input_is_one_line_and_exit_2(tmp_path, cli, two_runs, case, me
         args = [str(two_runs[0])]
     elif case == "bad suffix":
         args = [str(two_runs[0]), f"--out={tmp_path / 'x.txt'}"]
-    result = cli("fastgpt.plot", *args)
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in result.stderr and message in lines[0], result.stderr
+    if case == "no metrics":  # the command line's side: one line on stderr, exit 2
+        result = cli("fastgpt.plot", *args)
+        assert result.returncode == 2
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in result.stderr and message in lines[0], result.stderr
+    else:
+        with pytest.raises(UserError, match=message):
+            plot.main(args)
 
 
 @pytest.mark.parametrize("prompt, message", [("", "the prompt is empty"), ("ROMEO " * 8, "longer than the model's block_size"),
                                              ("ROMEO: #", "the model's vocabulary lacks")])
 def test_bad_attention_input_is_one_line_and_exit_2(tmp_path, cli, two_runs, prompt, message):
-    result = cli("fastgpt.attention", f"--checkpoint={two_runs[0] / 'best.pt'}", f"--prompt={prompt}",
-                 f"--out={tmp_path / 'a.png'}")
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in result.stderr and message in lines[0], result.stderr
+    argv = [f"--checkpoint={two_runs[0] / 'best.pt'}", f"--prompt={prompt}", f"--out={tmp_path / 'a.png'}"]
+    if not prompt:  # the command line's side: one line on stderr, exit 2
+        result = cli("fastgpt.attention", *argv)
+        assert result.returncode == 2
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in result.stderr and message in lines[0], result.stderr
+    else:
+        with pytest.raises(UserError, match=message):
+            attention.main(argv)
 
 
 def test_a_missing_matplotlib_is_named(monkeypatch, two_runs, tmp_path):
