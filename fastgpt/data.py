@@ -571,7 +571,8 @@ class Batches:
         if copied is not None:
             copied.synchronize()  # the copy out of this buffer two batches ago is done
         torch.index_select(self.data, 0, index.view(-1), out=buffer.view(-1))
-        window = buffer.to(self.device, non_blocking=True)
+        # asynchronous only out of pinned memory (CUDA), where the event below guards the buffer's reuse
+        window = buffer.to(self.device, non_blocking=self.device.type == "cuda")
         if self.device.type == "cuda":
             self._copied[self._turn] = torch.cuda.Event()
             self._copied[self._turn].record()
