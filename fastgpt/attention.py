@@ -20,6 +20,7 @@ from fastgpt.checkpoint import load_checkpoint, model_from_checkpoint
 from fastgpt.config import UserError, format_help, parse_flags, run_main
 from fastgpt.model import CausalSelfAttention
 from fastgpt.plot import require_matplotlib, save
+from fastgpt.tokenizer import check_prompt
 
 SHOWN = {" ": "␣", "\n": "↵", "\t": "⇥"}
 
@@ -94,12 +95,7 @@ def main(argv: list[str]) -> int:
     require_matplotlib()
     path = Path(cfg.checkpoint)
     model, tokenizer = model_from_checkpoint(load_checkpoint(path), path)
-    if not cfg.prompt:
-        raise UserError("the prompt is empty: pass at least one character with --prompt")
-    unknown = tokenizer.unknown(cfg.prompt)
-    if unknown:
-        raise UserError(f"the prompt has characters the model's vocabulary lacks: "
-                        f"{' '.join(repr(c) for c in unknown)}; remove or replace them")
+    check_prompt(tokenizer, cfg.prompt)
     ids = tokenizer.encode(cfg.prompt).tolist()
     if len(ids) > model.config.block_size:
         raise UserError(f"the prompt is {len(ids)} tokens, longer than the model's block_size "

@@ -43,7 +43,7 @@ import torch
 
 from fastgpt.config import UserError
 from fastgpt.tokenizer import (  # noqa: F401 (CharTokenizer and default_prompt lived here: imported from here)
-    KINDS, BPETokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer, default_prompt, split_safely)
+    KINDS, BPETokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer, default_prompt, from_state, split_safely)
 
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -170,10 +170,7 @@ def _corpus_files(path: Path, data_file: str, flag: str) -> list[Path]:
         files = sorted(Path(p) for p in glob.glob(data_file, recursive=True) if Path(p).is_file())
         what = f"{flag}={data_file} matches no files: check the pattern (quote it, so the shell leaves it alone)"
     else:
-        if not path.exists():
-            raise UserError(f"{path} does not exist: pass an existing UTF-8 text file with {flag}")
-        if not path.is_file():
-            raise UserError(f"{path} is not a regular file: pass a UTF-8 text file with {flag}")
+        check_file(path, flag)
         return [path]
     if not files:
         raise UserError(what)
@@ -181,6 +178,14 @@ def _corpus_files(path: Path, data_file: str, flag: str) -> list[Path]:
     if not nonempty:
         raise UserError(f"{flag}={data_file}: its {len(files)} file(s) are all empty: pass some UTF-8 text")
     return nonempty
+
+
+def check_file(path: Path, flag: str) -> None:
+    """A UserError naming `flag` unless path is an existing regular file."""
+    if not path.exists():
+        raise UserError(f"{path} does not exist: pass an existing UTF-8 text file with {flag}")
+    if not path.is_file():
+        raise UserError(f"{path} is not a regular file: pass a UTF-8 text file with {flag}")
 
 
 def not_utf8(path: Path, offset: int, head: bytes, flag: str) -> UserError:
@@ -193,10 +198,7 @@ def read_text_file(path: Path, flag: str = "--data_file") -> tuple[str, str]:
     """A small file's text and the sha256 of its bytes (a prompt file); a missing, empty or non-UTF-8
     file is a UserError that names the command-line `flag` the path came from."""
     try:
-        if not path.exists():
-            raise UserError(f"{path} does not exist: pass an existing UTF-8 text file with {flag}")
-        if not path.is_file():
-            raise UserError(f"{path} is not a regular file: pass a UTF-8 text file with {flag}")
+        check_file(path, flag)
         raw = path.read_bytes()
     except OSError as e:
         raise UserError(f"cannot read {path} ({e.strerror}): check the path and its permissions") from None
@@ -369,7 +371,6 @@ def make_tokenizer(kind: str, text: Text, data_dir: str | Path, vocab_size: int,
     if kind == "char":
         return char_tokenizer(text, state["vocab"] if state else None, extend_vocab, where)
     if state is not None:
-        from fastgpt.tokenizer import from_state
         return from_state(state)
     if kind == "bpe":
         return trained_bpe(text, data_dir, vocab_size)
@@ -421,30 +422,28 @@ def write_tokens(stem: Path, text: Text, tokenizer: Tokenizer) -> None:
     stem.json, written after it."""
     dtype = token_dtype(tokenizer.vocab_size)
     progress = Progress(f"encoding the corpus ({tokenizer.kind})", text.nbytes)
-    count, crc = 0, 0
-
-    def write_part(f, chunks: Iterable[str]) -> None:
-        nonlocal count, crc
-        for chunk in chunks:
-            raw = tokenizer.encode(chunk).astype(dtype).tobytes()
-            f.write(raw)
-            crc = zlib.crc32(raw, crc)
-            count += len(raw) // dtype.itemsize
+    if tokenizer.byte_level:  # a BPE: each split's text encoded apart
+        split = split_point(text)
+        parts = [pretoken_chunks(text_chunks(text, 0, split, progress)),
+                 pretoken_chunks(text_chunks(text, split, None, progress))]
+    else:  # characters: one stream, split on tokens below
+        parts = [text_chunks(text, progress=progress)]
+    counts, crc = [], 0
 
     def write(f) -> None:
-        nonlocal n_train
-        if not tokenizer.byte_level:  # characters: encoded in one stream, split on tokens
-            write_part(f, text_chunks(text, progress=progress))
-            n_train = int(count * TRAIN_FRACTION)
-            return
-        split = split_point(text)  # a BPE: each split's text encoded apart
-        write_part(f, pretoken_chunks(text_chunks(text, 0, split, progress)))
-        n_train = count
-        write_part(f, pretoken_chunks(text_chunks(text, split, None, progress)))
+        nonlocal crc
+        for chunks in parts:
+            counts.append(0)
+            for chunk in chunks:
+                raw = tokenizer.encode(chunk).astype(dtype).tobytes()
+                f.write(raw)
+                crc = zlib.crc32(raw, crc)
+                counts[-1] += len(raw) // dtype.itemsize
 
-    n_train = 0
     atomic_write(Path(f"{stem}.bin"), write)
     progress.close()
+    count = sum(counts)
+    n_train = counts[0] if tokenizer.byte_level else int(count * TRAIN_FRACTION)
     meta = {"dtype": dtype.name, "tokens": count, "train": n_train, "crc32": crc, "sha256": text.sha256,
             "tokenizer": tokenizer.kind, "files": [str(p) for p in text.files]}
     atomic_write(Path(f"{stem}.json"), lambda f: f.write(json.dumps(meta, indent=1).encode()))

@@ -95,6 +95,12 @@ def char_vocab_from_meta(meta: object, vocab_size: int, path: Path) -> str:
 # fastgpt -> nanoGPT
 
 
+def best_val_loss(ckpt: dict) -> float:
+    """A checkpoint's best val loss as a float (nanoGPT saves a tensor; inf when there is none)."""
+    best = ckpt.get("best_val_loss")
+    return float(best) if best is not None else float("inf")
+
+
 def exportable(ckpt: dict, path: Path, target: str):
     """The GPT model and tokenizer of a fastgpt checkpoint that `target` can hold; a UserError otherwise."""
     model, tokenizer = model_from_checkpoint(require(ckpt, path, f"export {target} from", ("model", "model_config",
@@ -116,12 +122,11 @@ def to_nanogpt(ckpt: dict, path: Path, out: Path) -> list[Path]:
                         f"encoding: export it with --format=hf instead")
     config = model.config
     model_args = {name: getattr(config, name) for name in NANOGPT_ARGS}
-    best = ckpt.get("best_val_loss")
     payload = {
         "model": {name: t.clone() for name, t in model.state_dict().items()},
         "model_args": model_args,
         "iter_num": int(ckpt.get("iter_num", 0)),
-        "best_val_loss": float(best) if best is not None else float("inf"),
+        "best_val_loss": best_val_loss(ckpt),
         # nanoGPT's sample.py reads data/<dataset>/meta.pkl: an absolute dataset is this folder
         "config": {**(ckpt.get("train_config") or {}), **model_args, "dataset": str(out.resolve())},
     }
@@ -186,10 +191,9 @@ def from_nanogpt(ckpt: dict, path: Path, meta_path: Path | None) -> dict:
         reason = str(e).strip().splitlines()[0][:160]
         raise UserError(f"{path}'s weights do not fit its model_args ({reason}): pass an unmodified nanoGPT "
                         f"ckpt.pt") from None
-    best = ckpt.get("best_val_loss")
     payload = {"model": model.state_dict(), "model_config": dataclasses.asdict(config),
                "tokenizer": tokenizer.state(), "corpus_sha256": None, "iter_num": int(ckpt.get("iter_num", 0)),
-               "best_val_loss": float(best) if best is not None else float("inf"), "source": "nanoGPT"}
+               "best_val_loss": best_val_loss(ckpt), "source": "nanoGPT"}
     if tokenizer.kind == "char":
         payload["vocab"] = tokenizer.vocab
     return payload

@@ -17,7 +17,7 @@ from fastgpt.config import UserError, format_help, parse_flags, run_main
 from fastgpt.data import read_text_file
 from fastgpt.distributed import resolve_device
 from fastgpt.model import LanguageModel
-from fastgpt.tokenizer import Tokenizer, default_prompt
+from fastgpt.tokenizer import Tokenizer, check_prompt, default_prompt
 
 
 @dataclass
@@ -74,12 +74,7 @@ def main(argv: list[str]) -> int:
         prompt = read_text_file(Path(cfg.prompt_file), "--prompt_file")[0]
     else:
         prompt = cfg.prompt if "prompt" in given else default_prompt(tokenizer)
-    if not prompt:
-        raise UserError("the prompt is empty: pass at least one character with --prompt")
-    unknown = tokenizer.unknown(prompt)
-    if unknown:
-        raise UserError(f"the prompt has characters the model's vocabulary lacks: "
-                        f"{' '.join(repr(c) for c in unknown)}; remove or replace them")
+    check_prompt(tokenizer, prompt)
 
     kernels.set_backend("reference" if cfg.reference else "auto")
     model.to(resolve_device(cfg.device))

@@ -209,6 +209,17 @@ def from_state(state: object) -> Tokenizer:
                     "or one written by this fastgpt")
 
 
+def check_prompt(tokenizer: Tokenizer, prompt: str) -> None:
+    """A UserError for a prompt the model cannot take: an empty one, or characters outside a character
+    vocabulary (the byte-level tokenizers take any text)."""
+    if not prompt:
+        raise UserError("the prompt is empty: pass at least one character with --prompt")
+    unknown = tokenizer.unknown(prompt)
+    if unknown:
+        raise UserError(f"the prompt has characters the model's vocabulary lacks: "
+                        f"{' '.join(repr(c) for c in unknown)}; remove or replace them")
+
+
 def default_prompt(tokenizer: Tokenizer) -> str:
     """What generation starts from when no prompt is given: a newline, as nanoGPT, or the first
     character of a character vocabulary that has none."""
