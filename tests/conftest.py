@@ -82,6 +82,13 @@ def run_module(module: str, *args: str, cwd: Path | None = None, timeout: float 
                           text=True, timeout=timeout, env={**os.environ, **(env or {})})
 
 
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    """The one line a command printed on stderr when it refused its input with exit code 2."""
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    return line
+
+
 # a model that trains in seconds on the CPU, where every machine computes the same float32 numbers
 TINY_TRAINER = {"device": "cpu", "n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 16, "batch_size": 4,
                 "eval_iters": 2, "sample_chars": 0, "log_interval": 1}

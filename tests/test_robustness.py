@@ -13,7 +13,7 @@ from fastgpt import compare, sample, train
 from fastgpt.checkpoint import load_checkpoint, save_checkpoint
 from fastgpt.config import UserError, parse_train_args
 
-from conftest import ROOT, tiny_flags
+from conftest import ROOT, one_line_error, tiny_flags
 
 TINY = tiny_flags(n_layer=1, n_embd=16, block_size=8, log_interval=5)
 
@@ -24,12 +24,6 @@ def trained(small_corpus, tmp_path):
     assert train.main([f"--data_file={small_corpus}", f"--data_dir={tmp_path}", f"--out_dir={out}", *TINY,
                        "--max_iters=10", "--eval_interval=5"]) == 0
     return out
-
-
-def one_line_error(result: subprocess.CompletedProcess) -> str:
-    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-    (line,) = result.stderr.strip().splitlines()
-    return line
 
 
 def test_a_new_run_does_not_replace_an_earlier_one(trained, small_corpus, tmp_path):
