@@ -1,14 +1,16 @@
 """Large corpora: how long the trainer takes to start on one, and at what peak memory, first (reading,
 training a BPE, encoding) and second (the cached tokens); and each stage's throughput.
 
-    python -m bench.corpus --mb=600 --out=bench/results [--tokenizers=char,bpe] [--vocab_size=4096]
+    python -m bench.corpus --mb=600 --out=bench/results [--tokenizers=char,bpe] [--vocab_size=4096] [--rounds=3]
 
 The corpus is Tiny Shakespeare repeated to `--mb` MB (the issue's 600 MB case is 540 copies), written
 under `--work` (default: a temporary directory, removed after). Each start is `python -m fastgpt.train`
 with one iteration, in a subprocess whose peak resident set the kernel reports (`wait4`); it counts the
 pages of the token file that the batches map, which are page cache the kernel can reclaim. Stage
 throughputs are measured in this process: reading (sha256, UTF-8 check, the character set), training
-the BPE, encoding, each on the whole corpus. Writes `<date>-corpus-<MB>mb.json` and `.md` to `--out`.
+the BPE, encoding, each on the whole corpus. Each round starts from an empty cache; the figures are the
+medians over `--rounds`, every round kept in the JSON. Writes `<date>-corpus-<MB>mb.json` and `.md` to
+`--out`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -75,11 +78,33 @@ def stages(corpus: Path, work: Path, tokenizer: str, vocab_size: int) -> dict:
     return result
 
 
+def one_round(corpus: Path, work: Path, tokenizer: str, vocab_size: int) -> dict:
+    """A first start (empty cache), a second start (the cache it left), and the stage throughputs."""
+    data_dir = work / f"data-{tokenizer}"
+    shutil.rmtree(data_dir, ignore_errors=True)
+    row = {"first": start(corpus, data_dir, work / "out", tokenizer, vocab_size),
+           "second": start(corpus, data_dir, work / "out", tokenizer, vocab_size)}
+    shutil.rmtree(work / "stages", ignore_errors=True)
+    return row | stages(corpus, work, tokenizer, vocab_size)
+
+
+def median_row(rounds: list[dict]) -> dict:
+    """Each figure's median over the rounds."""
+    row = {}
+    for key, value in rounds[0].items():
+        if isinstance(value, dict):
+            row[key] = {k: statistics.median(r[key][k] for r in rounds) for k in value}
+        else:
+            row[key] = statistics.median(r[key] for r in rounds)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=int, default=600)
     parser.add_argument("--tokenizers", default="char,bpe")
     parser.add_argument("--vocab_size", type=int, default=4096)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--source", default="", help="Tiny Shakespeare (default: data/ or ../shared/data/)")
     parser.add_argument("--work", default="", help="where the corpus and caches go (default: a temp dir)")
     parser.add_argument("--out", default="bench/results")
@@ -94,15 +119,11 @@ def main() -> None:
     report = {"date": datetime.date.today().isoformat(), "machine": f"{platform.processor() or platform.machine()}, "
               f"{os.cpu_count()} cores", "command": "python -m bench.corpus " + " ".join(sys.argv[1:]),
               "corpus_mb": round(corpus.stat().st_size / 1e6, 1), "source_sha256": TINY_SHAKESPEARE_SHA256,
-              "vocab_size": args.vocab_size, "results": {}}
+              "vocab_size": args.vocab_size, "rounds": args.rounds, "results": {}}
     try:
         for tokenizer in args.tokenizers.split(","):
-            data_dir = work / f"data-{tokenizer}"
-            shutil.rmtree(data_dir, ignore_errors=True)
-            row = {"first": start(corpus, data_dir, work / "out", tokenizer, args.vocab_size),
-                   "second": start(corpus, data_dir, work / "out", tokenizer, args.vocab_size)}
-            shutil.rmtree(work / "stages", ignore_errors=True)
-            row |= stages(corpus, work, tokenizer, args.vocab_size)
+            rounds = [one_round(corpus, work, tokenizer, args.vocab_size) for _ in range(args.rounds)]
+            row = median_row(rounds) | {"rounds": rounds}
             report["results"][tokenizer] = row
             print(tokenizer, json.dumps(row), flush=True)
     finally:
@@ -120,7 +141,8 @@ def markdown(report: dict) -> str:
     lines = [f"# Trainer start on a {report['corpus_mb']:,} MB corpus ({report['date']})", "",
              f"Machine: {report['machine']}. Command: `{report['command']}`. The corpus is Tiny Shakespeare "
              f"repeated; the BPE has {report['vocab_size']} tokens. Peak memory is the start's peak resident "
-             f"set (wait4), which includes token-file pages the batches map (page cache).", "",
+             f"set (wait4), which includes token-file pages the batches map (page cache). Medians of "
+             f"{report['rounds']} rounds, each from an empty cache (every round in the JSON).", "",
              "| tokenizer | first start | peak | second start | peak | read | BPE training | encoding |",
              "|---|---|---|---|---|---|---|---|"]
     for name, r in report["results"].items():
