@@ -67,10 +67,10 @@ def op_step(fn: Callable, inputs: tuple, dtype: torch.dtype, seed: int) -> Calla
 
 def op_cases(shape: dict, device: torch.device) -> dict[str, tuple[Callable, Callable, tuple, list[str]]]:
     """name -> (triton fn, reference fn, fp32 inputs, names of the compared tensors)."""
-    from kernels.attention import causal_attention_reference, causal_attention_triton
-    from kernels.layer_norm import (add_layer_norm_reference, add_layer_norm_triton, layer_norm_reference,
+    from fastgpt.kernels.attention import causal_attention_reference, causal_attention_triton
+    from fastgpt.kernels.layer_norm import (add_layer_norm_reference, add_layer_norm_triton, layer_norm_reference,
                                    layer_norm_triton)
-    from kernels.linear_gelu import linear_gelu_reference, linear_gelu_triton
+    from fastgpt.kernels.linear_gelu import linear_gelu_reference, linear_gelu_triton
 
     g = torch.Generator(device=device).manual_seed(0)
     b, t, c, h = shape["batch"], shape["block"], shape["n_embd"], shape["n_head"]
@@ -92,7 +92,7 @@ def op_cases(shape: dict, device: torch.device) -> dict[str, tuple[Callable, Cal
 
 
 def op_case(name: str, case: tuple, dtype: torch.dtype, device: torch.device, rounds: int) -> dict:
-    from kernels.accuracy import compare
+    from fastgpt.kernels.accuracy import compare
 
     triton_fn, reference_fn, inputs, names = case
     kernel_step, same_step = op_step(triton_fn, inputs, dtype, 1), op_step(reference_fn, inputs, dtype, 1)
@@ -107,7 +107,7 @@ def op_case(name: str, case: tuple, dtype: torch.dtype, device: torch.device, ro
 def model_case(shape: dict, dtype: torch.dtype, device: torch.device, rounds: int) -> dict:
     """The whole GPT (dropout off): loss and every gradient under the kernels and under the references, in
     the run's dtype (bf16 autocast on CUDA), each against the reference model in fp64."""
-    import kernels
+    from fastgpt import kernels
     from fastgpt.model import GPTConfig, build_model
 
     config = GPTConfig(vocab_size=VOCAB, block_size=shape["block"], n_layer=shape["n_layer"],

@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import kernels
+from fastgpt import kernels
 from bench.common import CUDA, DEVICE, environment, needs_gpu, run_benchmark
-from kernels.attention import causal_attention_reference, causal_mask
+from fastgpt.kernels.attention import causal_attention_reference, causal_mask
 
 SDPA_BACKENDS = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION,
                  "sdpa-math": SDPBackend.MATH}

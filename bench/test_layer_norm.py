@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from bench.common import CUDA, DEVICE, environment, needs_gpu, run_benchmark
-from kernels.layer_norm import (add_layer_norm_reference, add_layer_norm_triton, layer_norm_reference,
+from fastgpt.kernels.layer_norm import (add_layer_norm_reference, add_layer_norm_triton, layer_norm_reference,
                                layer_norm_triton)
 
 IMPLS = {

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from bench.common import CUDA, DEVICE, environment, needs_gpu, run_benchmark
-from kernels.linear_gelu import linear_gelu_reference, linear_gelu_triton
+from fastgpt.kernels.linear_gelu import linear_gelu_reference, linear_gelu_triton
 
 _compiled: list = []
 

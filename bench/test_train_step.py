@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-import kernels
+from fastgpt import kernels
 from bench.common import CUDA, DEVICE, environment, needs_gpu, run_benchmark
 from fastgpt.config import PRESETS
 from fastgpt.data import Batches

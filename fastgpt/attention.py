@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-import kernels
+from fastgpt import kernels
 from fastgpt.checkpoint import load_checkpoint, model_from_checkpoint
 from fastgpt.config import UserError, format_help, parse_flags, run_main
 from fastgpt.model import CausalSelfAttention

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
+from fastgpt import kernels
 
 def torch_version() -> tuple[int, int]:
     major, minor = torch.__version__.split(".")[:2]

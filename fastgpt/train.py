@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-import kernels
+from fastgpt import kernels
 from fastgpt import distributed
 from fastgpt.checkpoint import load_checkpoint, load_weights, out_dir_lock, require, save_checkpoint, tokenizer_state
 from fastgpt.config import ARCHITECTURE_FIELDS, TrainConfig, UserError, make_log, parse_train_args, run_main

@@ -45,8 +45,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.backend import select
-from kernels.core import aot_spec, arch_of, tensor_problem
+from fastgpt.kernels.backend import select
+from fastgpt.kernels.core import aot_spec, arch_of, tensor_problem
 
 
 def causal_mask(tq: int, tk: int, window: int | None, device: torch.device) -> torch.Tensor:

@@ -47,7 +47,7 @@ def backend(name: str) -> Iterator[None]:
 
 
 _fallbacks_logged: set[tuple[str, str]] = set()
-log = logging.getLogger("kernels")
+log = logging.getLogger("fastgpt.kernels")
 
 
 def _log_fallback(op: str, x: torch.Tensor, problem: str) -> None:

@@ -28,8 +28,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.backend import select
-from kernels.core import aot_spec, autocast_dtype, tensor_problem
+from fastgpt.kernels.backend import select
+from fastgpt.kernels.core import aot_spec, autocast_dtype, tensor_problem
 
 MAX_N = 4096
 

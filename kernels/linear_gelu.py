@@ -31,9 +31,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.backend import select
-from kernels.core import aot_spec, arch_of, autocast_dtype, shared_memory, tensor_problem
-from kernels.tuning import Tuner, kernel_source
+from fastgpt.kernels.backend import select
+from fastgpt.kernels.core import aot_spec, arch_of, autocast_dtype, shared_memory, tensor_problem
+from fastgpt.kernels.tuning import Tuner, kernel_source
 
 
 def linear_gelu_reference(

@@ -1,6 +1,6 @@
 """Ahead-of-time compilation of a kernel module's Triton kernels for NVIDIA GPUs, with no GPU present.
 
-    python tests/aot.py kernels.layer_norm [kernels.linear_gelu ...]   ->  one JSON object per line
+    python tests/aot.py fastgpt.kernels.layer_norm [fastgpt.kernels.linear_gelu ...]   ->  one JSON object per line
 
 Each kernel module lists, in `aot_specs(arch)`, every configuration its launchers or tuner may pick there:
 dicts with `fn` (the @triton.jit kernel), `signature` (argument name -> Triton type, "constexpr" for
@@ -73,7 +73,7 @@ def resource_usage(cubin: bytes) -> dict:
 def compile_spec(spec: dict, arch: int) -> dict:
     import triton
 
-    from kernels.core import shared_memory
+    from fastgpt.kernels.core import shared_memory
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 

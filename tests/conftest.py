@@ -19,7 +19,7 @@ try:
 except ImportError:  # pragma: no cover - torch is a hard dependency
     pass
 
-from kernels.accuracy import compare  # noqa: E402  (after TRITON_INTERPRET is set)
+from fastgpt.kernels.accuracy import compare  # noqa: E402  (after TRITON_INTERPRET is set)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -48,7 +48,7 @@ def _restore_tf32_flags():
 @pytest.fixture
 def triton_kernels():
     """The Triton kernels selected, and tensors created on DEVICE unless a test says otherwise."""
-    import kernels
+    from fastgpt import kernels
 
     with kernels.backend("triton"), torch.device(DEVICE):
         yield
@@ -152,7 +152,7 @@ def aot_table(rows: list[dict]) -> str:
 
 @pytest.fixture(scope="session")
 def aot_compile():
-    """`aot_compile("kernels.layer_norm")`: every configuration in the module's `aot_specs()` compiled
+    """`aot_compile("fastgpt.kernels.layer_norm")`: every configuration in the module's `aot_specs()` compiled
     for sm_90 and sm_80 without a GPU (tests/aot.py, in a subprocess), one dict per kernel and arch."""
     done: dict[str, list[dict]] = {}
 

@@ -16,11 +16,11 @@ import pytest
 import torch
 
 import aot
-import kernels
+from fastgpt import kernels
 from conftest import DEVICE, KERNEL_DTYPES as DTYPES, check_against_fp64, check_kernel_error
 from fastgpt.model import CausalSelfAttention, GPTConfig, KVCache
-from kernels import attention
-from kernels.attention import HEAD_DIMS, causal_attention_reference, causal_mask
+from fastgpt.kernels import attention
+from fastgpt.kernels.attention import HEAD_DIMS, causal_attention_reference, causal_mask
 
 CUDA = DEVICE.type == "cuda"
 pytestmark = pytest.mark.usefixtures("triton_kernels")
@@ -348,7 +348,7 @@ def test_rejects_mixed_devices_and_oversized_dropout():
 
 @pytest.mark.slow
 def test_aot(aot_compile):
-    rows = aot_compile("kernels.attention")
+    rows = aot_compile("fastgpt.kernels.attention")
     # no register spills anywhere, the presets' head dims (cpu: 32, shakespeare_char: 64) included
     aot.assert_clean(rows)
     kinds = {(r["kernel"], r["arch"], r["head_dim"], r["dtype"]) for r in rows}

@@ -9,7 +9,7 @@ import importlib
 import pytest
 import torch
 
-import kernels
+from fastgpt import kernels
 from fastgpt import distributed, model, train
 from fastgpt.config import UserError, parse_train_args
 from fastgpt.model import GPTConfig, build_model
@@ -75,7 +75,7 @@ class FakeMps:
 
 
 def test_on_mps_every_op_runs_its_reference(monkeypatch):
-    select = importlib.import_module("kernels.backend").select
+    select = importlib.import_module("fastgpt.kernels.backend").select
     with kernels.backend("auto"):
         assert select("layer_norm", FakeMps(), "reference", "triton") == "reference"
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)

@@ -10,13 +10,13 @@ import math
 import pytest
 import torch
 
-import kernels
-from kernels.attention import causal_attention_reference
-from kernels.backend import select
-from kernels.layer_norm import layer_norm_reference
-from kernels.linear_gelu import linear_gelu_reference
+from fastgpt import kernels
+from fastgpt.kernels.attention import causal_attention_reference
+from fastgpt.kernels.backend import select
+from fastgpt.kernels.layer_norm import layer_norm_reference
+from fastgpt.kernels.linear_gelu import linear_gelu_reference
 
-backend_module = importlib.import_module("kernels.backend")  # kernels.backend is the context manager
+backend_module = importlib.import_module("fastgpt.kernels.backend")  # kernels.backend is the context manager
 OPS = ["layer_norm", "causal_attention", "linear_gelu"]
 
 
@@ -296,7 +296,7 @@ def test_select_picks_by_backend_and_device(monkeypatch):
 
 def test_a_fallback_on_cuda_is_said_once_per_op_and_reason(monkeypatch, caplog):
     monkeypatch.setattr(backend_module, "_fallbacks_logged", set())
-    with kernels.backend("auto"), caplog.at_level(logging.WARNING, logger="kernels"):
+    with kernels.backend("auto"), caplog.at_level(logging.WARNING, logger="fastgpt.kernels"):
         for _ in range(3):
             select("causal_attention", FakeCuda(), None, lambda: None,
                    "causal_attention: the Triton kernel supports head_dim in 16, 32, 64, 128, got 48")

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import aot
-import kernels
+from fastgpt import kernels
 from conftest import DEVICE, KERNEL_DTYPES as DTYPES, check_against_fp64, outputs_and_grads as grads
-from kernels.layer_norm import (MAX_N, _add_layer_norm_fwd, _layer_norm_bwd, _layer_norm_fwd, _tile,
+from fastgpt.kernels.layer_norm import (MAX_N, _add_layer_norm_fwd, _layer_norm_bwd, _layer_norm_fwd, _tile,
                                add_layer_norm_reference, layer_norm_reference)
 
 SHAPES = [(1, 1, 7), (3, 7, 384), (2, 129, 1000), (4, 65, 768)]
@@ -137,7 +137,7 @@ def test_compiles_fullgraph_through_the_custom_ops():
 
 @pytest.mark.slow
 def test_aot_compiles_every_configuration_for_sm90_and_sm80(aot_compile):
-    rows = aot_compile("kernels.layer_norm")
+    rows = aot_compile("fastgpt.kernels.layer_norm")
     aot.assert_clean(rows)
     # every row tile the launcher picks for a width from 64 to MAX_N is among them, forward and backward
     for kernel, backward in (("_layer_norm_fwd_kernel", False), ("_layer_norm_bwd_kernel", True)):
@@ -150,7 +150,7 @@ def test_aot_compiles_every_configuration_for_sm90_and_sm80(aot_compile):
 
 
 def test_auto_backend_falls_back_to_the_reference_outside_the_kernel_limits(monkeypatch):
-    module = importlib.import_module("kernels.layer_norm")
+    module = importlib.import_module("fastgpt.kernels.layer_norm")
     problems = []
     monkeypatch.setattr(module, "select", lambda op, x, ref, tri, problem=None: problems.append(problem) or ref)
     kernels.layer_norm(torch.zeros(2, MAX_N + 1), torch.ones(MAX_N + 1))

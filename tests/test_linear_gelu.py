@@ -10,11 +10,11 @@ import pytest
 import torch
 
 import aot
-import kernels
+from fastgpt import kernels
 from conftest import DEVICE, KERNEL_DTYPES as DTYPES, check_against_fp64, outputs_and_grads as grads
-from kernels.linear_gelu import _linear_gelu_bwd, _linear_gelu_fwd, linear_gelu_reference
+from fastgpt.kernels.linear_gelu import _linear_gelu_bwd, _linear_gelu_fwd, linear_gelu_reference
 
-linear_gelu_module = importlib.import_module("kernels.linear_gelu")  # kernels.linear_gelu is the op
+linear_gelu_module = importlib.import_module("fastgpt.kernels.linear_gelu")  # kernels.linear_gelu is the op
 
 # (x shape, N): the row shapes, N = 4 * K as in the GPT's MLP where that stays small enough for
 # the interpreter, and ragged tile edges in every dimension
@@ -126,7 +126,7 @@ def test_compiles_fullgraph_through_the_custom_ops():
 
 @pytest.mark.slow
 def test_aot_compiles_every_configuration_for_sm90_and_sm80(aot_compile):
-    rows = aot_compile("kernels.linear_gelu")
+    rows = aot_compile("fastgpt.kernels.linear_gelu")
     aot.assert_clean(rows)
     # every tuner candidate, with and without bias, for bf16 and fp32, and the backward, on both
     expected = {(2 if dtype == "bf16" else 3) * len(configs) for dtype, configs in

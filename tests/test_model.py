@@ -212,7 +212,7 @@ def train_losses(backend: str, steps: int, compiled: bool = False) -> list[float
     """Per-step training losses of a tiny GPT (no dropout: the Triton attention's dropout mask is its
     own) from one init and one batch stream, on the given kernel backend. The text is a fixed random
     sequence of 40 tokens repeated: learnable, but only with context."""
-    import kernels
+    from fastgpt import kernels
 
     device = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter on the CPU
     torch.manual_seed(0)

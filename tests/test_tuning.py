@@ -11,8 +11,8 @@ import multiprocessing
 import pytest
 import triton
 
-from kernels import tuning
-from kernels.tuning import Tuner
+from fastgpt.kernels import tuning
+from fastgpt.kernels.tuning import Tuner
 
 CONFIGS = ("a", "b", "c")
 COST = {"a": 3.0, "b": 1.0, "c": 2.0}
@@ -126,7 +126,7 @@ def test_processes_tuning_at_once_keep_each_others_choices(_cache):
 
 def test_linear_gelu_tunes_on_a_power_of_two_of_m(monkeypatch):
     """The launcher's key: one tuning for every M in (2**k / 2, 2**k], per N, K, dtype, bias and precision."""
-    mlp = importlib.import_module("kernels.linear_gelu")
+    mlp = importlib.import_module("fastgpt.kernels.linear_gelu")
     keys = []
     monkeypatch.setattr(mlp._TUNER, "pick", lambda key, configs, launch: keys.append((key, configs)) or configs[0])
     import torch
