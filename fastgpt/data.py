@@ -558,6 +558,11 @@ class Batches:
         t = t.long()
         return t & self._mask if self._mask is not None else t
 
+    def seeded_generator(self, seed: int) -> torch.Generator:
+        """A generator of its own for `next`, on the device this split draws its offsets on: the GPU for a
+        split that lives there, the CPU for one gathered on the host (whatever the run's device)."""
+        return torch.Generator(device=self._offsets.device).manual_seed(seed)
+
     def next(self, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The next batch from this split's generator, or from `generator` (evaluation draws its own
         fixed batches without disturbing the training stream)."""

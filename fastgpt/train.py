@@ -503,7 +503,7 @@ def throwaway_batch(run: Run) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     and CUDA's RNG states are restored afterwards (dropout draws from them)."""
     rng = torch.get_rng_state(), device_rng_state(run.device)
     try:
-        yield run.train_batches.next(torch.Generator(device=run.device).manual_seed(0))
+        yield run.train_batches.next(run.train_batches.seeded_generator(0))
     finally:
         torch.set_rng_state(rng[0])
         set_device_rng_state(run.device, rng[1])

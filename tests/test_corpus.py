@@ -236,6 +236,25 @@ def test_host_batches_follow_the_same_stream_as_device_ones(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(host_batches.next(), expected))
 
 
+def test_a_throwaway_batch_of_a_host_gathered_split_draws_on_the_host(monkeypatch):
+    """A CUDA run whose split is too large for the GPU draws its offsets on the host with a CPU generator;
+    the trainer's throwaway batch (the fallback probe, the compilation) must draw there too: with the GPU's
+    generator every such run died at start. Stand-in without a GPU: a run on "cuda" whose host-gathered
+    split copies to the CPU, CUDA's RNG state left out."""
+    from types import SimpleNamespace
+
+    from fastgpt import train
+
+    monkeypatch.setattr(data, "fits_on", lambda device, nbytes: False)
+    batches = Batches(np.arange(3000, dtype=np.uint16), 16, 8, CPU, seed=5)
+    monkeypatch.setattr(train, "device_rng_state", lambda device: None)
+    state = batches.generator.get_state()
+    with train.throwaway_batch(SimpleNamespace(device=torch.device("cuda"), train_batches=batches)) as (x, y):
+        assert x.shape == y.shape == (8, 16) and torch.equal(x[:, 1:], y[:, :-1])
+    assert torch.equal(batches.generator.get_state(), state)  # the training stream is untouched
+    assert batches.seeded_generator(0).device == batches.generator.device == CPU
+
+
 def test_large_token_files_are_memory_mapped(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "MAP_BYTES", 100)
     path = tmp_path / "text.txt"
