@@ -14,13 +14,14 @@ def percent(value) -> str:
 
 
 def phase_table(report: dict) -> list[str]:
-    lines = ["| phase | status | seconds | commit | note |", "|---|---|---|---|---|"]
+    lines = ["| phase | status | seconds | share | commit (sources) | note |", "|---|---|---|---|---|---|"]
     for name, phase in report["phases"].items():
         note = phase.get("reason", "")
         if name == "kernel_tests" and "passed" in phase:
             note = f"{phase['passed']} passed, {phase['failed']} failed, {phase['skipped']} skipped"
         lines.append(f"| {name} | **{phase['status']}** | {fmt(phase.get('seconds'), 0)} | "
-                     f"{phase.get('commit', '-')} | {note} |")
+                     f"{fmt(phase.get('share_s'), 0)} | {phase.get('commit') or '-'} ({phase.get('sources', '-')}) | "
+                     f"{note} |")
     return lines + [""]
 
 
@@ -115,7 +116,7 @@ def markdown(report: dict) -> str:
     env = report["environment"]
     lines = [f"# fastgpt GPU report: {env['device']}", "",
              f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, Python {env['python']}; "
-             f"fastgpt commit {env['commit']}. " + ("Command: " if len(report["commands"]) == 1 else "Made by: ")
+             f"fastgpt commit {env.get('commit') or 'unknown (no git)'}, sources {env.get('sources', '-')}. " + ("Command: " if len(report["commands"]) == 1 else "Made by: ")
              + "; ".join(f"`{c}`" for c in report["commands"]) + ".", "",
              f"Complete: **{'yes' if report['complete'] else 'no'}**.", ""]
     lines += phase_table(report)

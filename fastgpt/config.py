@@ -114,6 +114,7 @@ class TrainConfig:
     seed: int = 1337  # seeds the weights, dropout and batch sampling
     sample_chars: int = 200  # characters of sample printed at the end; 0 = none
     tensorboard: bool = False  # also write the metrics as TensorBoard event files under out_dir/tb
+    save_checkpoints: bool = True  # write ckpt.pt (every evaluation, and on a stop signal) and best.pt; False for measurements that keep none (bench.report)
 
     def model_config(self, vocab_size: int) -> GPTConfig:
         """The GPTConfig these settings describe, for a corpus of vocab_size characters."""

@@ -557,7 +557,10 @@ def evaluate(run: Run) -> dict[str, float]:
 
 
 def save(run: Run, full: bool) -> None:
-    """Write best.pt (weights only) or ckpt.pt (everything resume needs: a collective call)."""
+    """Write best.pt (weights only) or ckpt.pt (everything resume needs: a collective call), unless the
+    run keeps no checkpoints (--save_checkpoints=False)."""
+    if not run.cfg.save_checkpoints:
+        return
     payload = {"model": run.raw_model.state_dict(), "model_config": dataclasses.asdict(run.model_config),
                "tokenizer": run.corpus.tokenizer.state(), "corpus_sha256": run.corpus.sha256,
                "iter_num": run.iter_num, "best_val_loss": run.best_val}
@@ -653,8 +656,9 @@ def loop(run: Run, stop: StopRequest) -> None:
         if (run.world.size == 1 or run.iter_num % cfg.log_interval == 0) and run.world.any(signum != 0):
             check_finite(run, run.last_log_iter)
             save(run, full=True)
-            run.log(f"stopped at iter {run.iter_num}; saved {run.ckpt_path}: continue with --resume "
-                    f"--out_dir={run.out_dir}")
+            run.log(f"stopped at iter {run.iter_num}; " + (
+                f"saved {run.ckpt_path}: continue with --resume --out_dir={run.out_dir}" if cfg.save_checkpoints
+                else "no checkpoint kept (--save_checkpoints=False)"))
             run.stopped = signal.Signals(signum or signal.SIGTERM)
             return
         loss_sum, grad_norm = train_step(run.model, run.optimizer, run.train_batches, micro_steps, cfg.grad_clip,
@@ -698,7 +702,9 @@ def summarise(run: Run) -> None:
         run.log(f"val loss <= {cfg.target_val_loss} " + (
             f"reached at iter {run.target_iter} after {train_seconds:.1f} s of training" if run.target_iter is not None
             else f"not reached in {cfg.max_iters} iterations"))
-    run.log(f"best val loss {run.best_val:.4f}; checkpoints in {run.out_dir} (best.pt: best val, ckpt.pt: latest)")
+    run.log(f"best val loss {run.best_val:.4f}; " + (
+        f"checkpoints in {run.out_dir} (best.pt: best val, ckpt.pt: latest)" if cfg.save_checkpoints
+        else "no checkpoints kept (--save_checkpoints=False)"))
     if cfg.sample_chars and run.world.master:
         prompt = default_prompt(run.corpus.tokenizer)
         # on the references: the sample runs in fp32, one row at a time, and on the kernels it would compile

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import site
 import subprocess
 import sys
 from pathlib import Path
@@ -193,3 +195,37 @@ def stand_in_gpt2(monkeypatch):
 
     monkeypatch.setattr(tiktoken, "get_encoding", get_encoding)
     return calls
+
+
+# ---------------------------------------------------------------------------------------------------
+# a checkout as it travels to another machine, and virtualenvs beside this one
+
+
+def fresh_venv(path: Path) -> str:
+    """A virtualenv without pip whose own site-packages is empty; this environment's packages (torch,
+    transformers, Hugging Face's kernels) are reachable after it through a path file, as if installed beside.
+    The path file's lines only extend sys.path, so this environment's editable install of fastgpt (a finder
+    registered by a .pth file in its own site-packages) is not active there."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], check=True)
+    exe = str(path / "bin" / "python")
+    purelib = subprocess.run([exe, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    ours = [p for p in site.getsitepackages() if Path(p).is_dir()]
+    Path(purelib, "beside.pth").write_text("\n".join(ours) + "\n")
+    return exe
+
+
+def pip_install(exe: str, *args: str) -> None:
+    """This environment's pip installing into the virtualenv of `exe`: offline, nothing but what is named."""
+    result = subprocess.run([sys.executable, "-m", "pip", "--python", exe, "install", "--no-index", "--no-deps",
+                             "--ignore-installed", "--no-build-isolation", "--disable-pip-version-check", "-q", *args],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def checkout_copy(dest: Path) -> Path:
+    """The tracked files of the working tree, as they travel to a machine: no .git, data, caches or builds."""
+    ignore = shutil.ignore_patterns(".git", "data", ".cache", "build", "*.egg-info", "__pycache__", "out*",
+                                    ".benchmarks")
+    shutil.copytree(ROOT, dest, ignore=ignore)
+    return dest

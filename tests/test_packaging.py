@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import shutil
-import site
 import subprocess
 import sys
 import zipfile
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, tiny_flags
+from conftest import ROOT, checkout_copy, fresh_venv, pip_install, tiny_flags
 
 # what the repository puts on sys.path: the root (python -m from a checkout, pytest's pythonpath) and tests/
 # (pytest's rootdir-relative imports); each name there must be ours alone
@@ -104,36 +103,6 @@ def test_the_editable_install_works_from_any_directory(where, tmp_path, small_co
     """From the root, the bare `kernels` that transformers imports is Hugging Face's, and the ops are ours."""
     cwd = ROOT if where == "root" else tmp_path
     run_the_pipeline(sys.executable, cwd, tmp_path, small_corpus)
-
-
-def fresh_venv(path: Path) -> str:
-    """A virtualenv without pip whose own site-packages is empty; this environment's packages (torch,
-    transformers, Hugging Face's kernels) are reachable after it through a path file, as if installed beside.
-    The path file's lines only extend sys.path, so this environment's editable install of fastgpt (a finder
-    registered by a .pth file in its own site-packages) is not active there."""
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], check=True)
-    exe = str(path / "bin" / "python")
-    purelib = subprocess.run([exe, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                             capture_output=True, text=True, check=True).stdout.strip()
-    ours = [p for p in site.getsitepackages() if Path(p).is_dir()]
-    Path(purelib, "beside.pth").write_text("\n".join(ours) + "\n")
-    return exe
-
-
-def pip_install(exe: str, *args: str) -> None:
-    """This environment's pip installing into the virtualenv of `exe`: offline, nothing but what is named."""
-    result = subprocess.run([sys.executable, "-m", "pip", "--python", exe, "install", "--no-index", "--no-deps",
-                             "--ignore-installed", "--no-build-isolation", "--disable-pip-version-check", "-q", *args],
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-
-
-def checkout_copy(dest: Path) -> Path:
-    """The tracked files of the working tree, as they travel to a machine: no .git, data, caches or builds."""
-    ignore = shutil.ignore_patterns(".git", "data", ".cache", "build", "*.egg-info", "__pycache__", "out*",
-                                    ".benchmarks")
-    shutil.copytree(ROOT, dest, ignore=ignore)
-    return dest
 
 
 @pytest.mark.slow

@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
+import signal
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import ROOT, run_module, tiny_flags
+from conftest import ROOT, checkout_copy, fresh_venv, pip_install, run_module, tiny_flags
 
 TINY = tiny_flags(device=None, n_layer=1, eval_iters=None, sample_chars=None, log_interval=None, eval_interval=10)
 
@@ -67,7 +71,7 @@ def test_a_report_made_over_several_commands_keeps_every_phase(tmp_path):
                                                           "test_sample[cpu-reference-cache]"]
     assert bench["command"].count("pytest bench/") == 2 and len(merged["commands"]) == 2
     assert [r["name"] for r in merged["phases"]["smoke"]["results"]] == [
-        "layer_norm", "add_layer_norm", "linear_gelu", "causal_attention", "gpt"]
+        "gpt", "layer_norm", "add_layer_norm", "linear_gelu", "causal_attention"]
     assert all(r["ok"] for r in merged["phases"]["smoke"]["results"])
     assert merged_path.with_suffix(".log").read_text().startswith(path.with_suffix(".log").read_text())
     assert "Made by:" in merged_path.with_suffix(".md").read_text()
@@ -94,26 +98,72 @@ def test_a_report_merged_into_its_own_file_keeps_its_log(tmp_path):
     assert len(report["commands"]) == 2 and log.count("# call ") == 2 and log.index("# call 1:") < log.index("# call 2:")
 
 
+def gpu_machine_stand_in(tmp_path: Path, corpus: Path) -> tuple[Path, str, dict]:
+    """What a GPU machine gets: a copy of the checkout with only the corpus added under data/ (no .git),
+    installed offline as the README says, and a PATH without git (every other command kept)."""
+    src = checkout_copy(tmp_path / "checkout")
+    (src / "data" / "tinyshakespeare").mkdir(parents=True)
+    shutil.copy(corpus, src / "data" / "tinyshakespeare" / "input.txt")
+    exe = fresh_venv(tmp_path / "venv")
+    pip_install(exe, "-e", str(src))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for directory in os.environ["PATH"].split(os.pathsep):
+        for tool in Path(directory).glob("*") if Path(directory).is_dir() else []:
+            if tool.name != "git" and not (bin_dir / tool.name).exists():
+                (bin_dir / tool.name).symlink_to(tool)
+    env = {**os.environ, "PATH": str(bin_dir)}
+    assert shutil.which("git", path=env["PATH"]) is None
+    return src, exe, env
+
+
+def report_command(exe: str, tmp_path: Path, budget_s: int) -> list[str]:
+    return [exe, "-m", "bench.report", "--device=cpu", f"--budget_s={budget_s}", f"--out={tmp_path / 'out'}",
+            f"--cache_dir={tmp_path / 'cache'}", "--max_iters=100000", "--train_flag=--eval_interval=50",
+            "--data_file=data/tinyshakespeare/input.txt"]
+
+
 @pytest.mark.slow
-def test_the_budget_holds_and_what_did_not_fit_is_recorded_as_cut(tmp_path):
+def test_the_budget_holds_from_a_fresh_checkout_without_git(tmp_path, small_corpus):
     """Every phase asked for in 40 seconds, which cannot hold them all (the trainer alone would run for
-    minutes): the report ends within a few seconds of the budget, every phase is recorded, those cut short
-    with what they measured and those never started as cut."""
+    minutes), from a copy of the checkout with no git: the report ends within a few seconds of the budget,
+    each phase took at most its share, every phase is recorded (those cut short with what they measured,
+    those never started as cut), and the sources are identified by their digest."""
+    src, exe, env = gpu_machine_stand_in(tmp_path, small_corpus)
     started = time.monotonic()
-    proc = run_module("bench.report", "--device=cpu", "--budget_s=40", f"--out={tmp_path / 'out'}",
-                      f"--cache_dir={tmp_path / 'cache'}", "--max_iters=100000", "--train_flag=--eval_interval=50",
-                      f"--data_file={ROOT / 'README.md'}")
+    proc = subprocess.run(report_command(exe, tmp_path, 40), cwd=src, env=env, capture_output=True, text=True)
     seconds = time.monotonic() - started
     assert proc.returncode == 0, proc.stderr
     assert 30 < seconds < 46, seconds
     _, report = report_json(tmp_path / "out")
+    assert report["environment"]["commit"] is None and len(report["environment"]["sources"]) == 16
     phases = report["phases"]
     assert list(phases) == ["smoke", "kernel_tests", "train_step", "kernel_bench", "time_to_target"]
     assert phases["kernel_tests"]["status"] == "skipped" and "need CUDA" in phases["kernel_tests"]["reason"]
     assert phases["time_to_target"]["status"] == "cut" and not report["complete"]
     for phase in phases.values():
         assert phase["status"] in ("done", "skipped", "cut")
-        assert phase.get("seconds", 0) < 40
+        assert phase.get("seconds", 0) <= phase.get("share_s", 40) + 2
+
+
+@pytest.mark.slow
+def test_a_report_killed_at_any_moment_leaves_a_readable_report(tmp_path, small_corpus):
+    src, exe, env = gpu_machine_stand_in(tmp_path, small_corpus)
+    json_path = None
+    for delay in (0.0, 2.0, 6.0, 11.0):
+        proc = subprocess.Popen(report_command(exe, tmp_path, 60), cwd=src, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 120
+        while not list((tmp_path / "out").glob("*.json")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(delay)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        json_path, report = report_json(tmp_path / "out")
+        assert set(report) >= {"environment", "phases", "commands"} and report["complete"] is False
+        assert json_path.with_suffix(".md").read_text().startswith("# fastgpt GPU report")
+        shutil.rmtree(tmp_path / "out")
+    assert json_path is not None
 
 
 @pytest.mark.slow
@@ -167,7 +217,8 @@ def test_report_stops_before_any_phase_when_it_cannot_get_the_corpus(tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--phases=smoke,typo"], "--phases takes some of smoke, kernel_tests, train_step, kernel_bench, "
                               "time_to_target, got typo"),
-    (["--budget_s=0"], "--budget_s must be > 0, got 0"),
+    (["--budget_s=0"], "--budget_s must be a number of seconds above 0 (and below a week), got 0"),
+    (["--budget_s=nan"], "--budget_s must be a number of seconds above 0 (and below a week), got nan"),
     (["--targets=1.5,x"], "--targets takes comma-separated val losses, got '1.5,x'"),
 ])
 def test_bad_flags_are_one_line(tmp_path, flags, message):

@@ -262,6 +262,17 @@ def test_target_val_loss_stops_at_the_first_evaluation_that_reaches_it(small_cor
     assert f"val loss <= {target} reached at iter 20 after" in capsys.readouterr().out
 
 
+def test_a_run_without_checkpoints_trains_the_same_and_writes_none(small_corpus, tmp_path, capsys):
+    """--save_checkpoints=False (bench.report's time_to_target): the same losses, metrics.jsonl only."""
+    common = [f"--data_file={small_corpus}", f"--data_dir={tmp_path}", *TINY, "--max_iters=20", "--eval_interval=10"]
+    assert train.main([*common, f"--out_dir={tmp_path / 'kept'}"]) == 0
+    assert train.main([*common, f"--out_dir={tmp_path / 'none'}", "--save_checkpoints=False"]) == 0
+    assert read_metrics(tmp_path / "none") == read_metrics(tmp_path / "kept")
+    assert not list((tmp_path / "none").glob("*.pt")) and {p.name for p in (tmp_path / "kept").glob("*.pt")} == {
+        "ckpt.pt", "best.pt"}
+    assert "no checkpoints kept (--save_checkpoints=False)" in capsys.readouterr().out
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or not torch.cuda.is_bf16_supported(),
                     reason="the default CUDA training path (bf16 autocast) needs a GPU with bf16")
 def test_cuda_trains_compiled_on_the_kernels_in_bf16_and_reports_mfu(small_corpus, tmp_path, capsys):
