@@ -28,7 +28,7 @@ LOCK_FILE = ".lock"
 
 
 @contextlib.contextmanager
-def out_dir_lock(out_dir: Path) -> Iterator[None]:
+def out_dir_lock(out_dir: Path, who: str = "fastgpt.train") -> Iterator[None]:
     """Hold an exclusive lock on out_dir while the block runs: one run owns its out_dir. The lock is the
     operating system's (flock on out_dir/.lock), so it goes with the process however that ends: a killed
     run never blocks the next. A second holder is refused at once with a UserError naming the first,
@@ -53,7 +53,7 @@ def out_dir_lock(out_dir: Path) -> Iterator[None]:
                             f"or train into another --out_dir") from None
         f.seek(0)
         f.truncate()
-        f.write(f"fastgpt.train process {os.getpid()} on {socket.gethostname()}\n")
+        f.write(f"{who} process {os.getpid()} on {socket.gethostname()}\n")
         f.flush()
         try:
             yield
@@ -135,17 +135,70 @@ def model_from_checkpoint(ckpt: dict, path: str | Path) -> tuple[LanguageModel, 
 
 
 @torch.no_grad()
-def load_weights(model: LanguageModel, state: dict, path: str | Path) -> None:
+def load_weights(model: LanguageModel, state: dict, path: str | Path, vocab_size: int) -> None:
     """Copy a checkpoint's weights into `model`, which may have a larger vocabulary: a tensor that grew
     with it (embedding rows, output rows, a bigram table's columns) takes the checkpoint's values over
-    their old extent and keeps its fresh initialisation beyond, so old tokens' logits are unchanged."""
+    their old extent and keeps its fresh initialisation beyond, so old tokens' logits are unchanged.
+    `vocab_size` is the checkpoint's: no other size may differ."""
     own = model.state_dict()
     if set(state) != set(own):
         raise UserError(f"{path} holds weights of another architecture: fine-tune with a checkpoint of "
                         f"the same --model")
+    old_vocab, new_vocab = vocab_size, model.config.vocab_size
     for name, tensor in state.items():
         target = own[name]
-        if tensor.dim() != target.dim() or any(a > b for a, b in zip(tensor.shape, target.shape)):
-            raise UserError(f"{path}: {name} has shape {tuple(tensor.shape)}, which does not fit "
-                            f"{tuple(target.shape)}: use a checkpoint of this architecture")
+        # only the vocabulary may have grown (--extend_vocab): any other size must be the model's own
+        fits = isinstance(tensor, torch.Tensor) and tensor.dim() == target.dim() and all(
+            a == b or (a == old_vocab and b == new_vocab and a < b) for a, b in zip(tensor.shape, target.shape))
+        if not fits:
+            shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise UserError(f"{path}: {name} has shape {shape}, which does not fit {tuple(target.shape)}: "
+                            f"use a checkpoint of this architecture (--block_size, --n_embd, ... as it was trained)")
+        if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
+            raise UserError(f"{path}: {name} is not finite floating-point weights: the checkpoint is damaged, "
+                            f"use another one")
         target[tuple(slice(0, n) for n in tensor.shape)] = tensor
+
+
+def check_resumable_state(ckpt: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                          path: str | Path) -> None:
+    """Everything `--resume` loads, checked against the model and optimizer it goes into before any of it
+    is used: the weights' names, shapes and finiteness, the optimizer's groups and per-parameter moments
+    (a moment of the wrong shape makes the fused AdamW read and write out of bounds), the iteration and
+    the best val loss. A UserError names what is wrong."""
+    def damaged(what: str) -> UserError:
+        return UserError(f"{path} is damaged ({what}): resume from another checkpoint, or start afresh with "
+                         f"--overwrite")
+
+    weights, own = ckpt["model"], model.state_dict()
+    if not isinstance(weights, dict) or set(weights) != set(own):
+        raise damaged("its weights are not this model's")
+    for name, tensor in weights.items():
+        if not isinstance(tensor, torch.Tensor) or tensor.shape != own[name].shape or not tensor.is_floating_point():
+            raise damaged(f"{name} is not a floating-point tensor of shape {tuple(own[name].shape)}")
+        if not torch.isfinite(tensor).all():
+            raise damaged(f"{name} holds non-finite values")
+    state = ckpt["optimizer"]
+    groups = state.get("param_groups") if isinstance(state, dict) else None
+    moments = state.get("state") if isinstance(state, dict) else None
+    ours = [group["params"] for group in optimizer.param_groups]
+    if not isinstance(groups, list) or not isinstance(moments, dict) or len(groups) != len(ours) or any(
+            not isinstance(g, dict) or not isinstance(g.get("params"), list) or len(g["params"]) != len(p)
+            for g, p in zip(groups, ours)):
+        raise damaged("its optimizer state does not match the model's parameter groups")
+    params = {index: param for g, p in zip(groups, ours) for index, param in zip(g["params"], p)}
+    for index, entry in moments.items():
+        if index not in params or not isinstance(entry, dict):
+            raise damaged(f"optimizer state for an unknown parameter {index!r}")
+        for key, value in entry.items():
+            if not isinstance(value, torch.Tensor):
+                raise damaged(f"optimizer {key} of parameter {index} is not a tensor")
+            expected = () if key == "step" else params[index].shape
+            if value.shape != expected or not value.is_floating_point() or not torch.isfinite(value).all():
+                raise damaged(f"optimizer {key} of parameter {index} has shape {tuple(value.shape)} or "
+                              f"non-finite values, where {tuple(expected)} finite values belong")
+    iter_num, best = ckpt["iter_num"], ckpt.get("best_val_loss")
+    if isinstance(iter_num, bool) or not isinstance(iter_num, int) or not 0 <= iter_num < 2**62:
+        raise damaged(f"iter_num {iter_num!r} is not a count of iterations")
+    if isinstance(best, bool) or not isinstance(best, (int, float)) or best != best or best < 0:
+        raise damaged(f"best_val_loss {best!r} is not a loss")

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from fastgpt.checkpoint import load_checkpoint, model_from_checkpoint, require, save_checkpoint
+from fastgpt.checkpoint import LOCK_FILE, load_checkpoint, model_from_checkpoint, out_dir_lock, require, save_checkpoint
 from fastgpt.config import UserError, format_help, parse_flags, run_main
 from fastgpt.data import atomic_write
 from fastgpt.model import GPTConfig, build_model
@@ -42,6 +42,7 @@ class ExportConfig:
     format: str = ""  # hf (a transformers GPT-2 folder), nanogpt (ckpt.pt and meta.pkl), fastgpt (from nanoGPT's)
     out: str = ""  # the folder to write into (created if missing)
     meta: str = ""  # with --format=fastgpt: nanoGPT's meta.pkl (a character vocabulary); none = GPT-2's encoding
+    force: bool = False  # write into an --out folder that already holds files, replacing those the export writes
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -217,15 +218,21 @@ def main(argv: list[str]) -> int:
     path, out = Path(cfg.checkpoint), Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out={out} is a file: name a folder to write into")
-    if cfg.format == "fastgpt":
-        payload = from_nanogpt(read_nanogpt(path), path, Path(cfg.meta) if cfg.meta else None)
-        save_checkpoint(out / "best.pt", payload)
-        written = [out / "best.pt"]
-    elif cfg.format == "nanogpt":
-        written = to_nanogpt(load_checkpoint(path), path, out)
-    else:
-        from fastgpt.hf import to_hf
-        written = to_hf(load_checkpoint(path), path, out)
+    held = sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE) if out.is_dir() else []
+    if held and not cfg.force:
+        raise UserError(f"--out={out} already holds {', '.join(held[:3])}{', ...' if len(held) > 3 else ''}: "
+                        f"export into a new or empty folder, or pass --force to replace what the export writes")
+    # a training run owns its out_dir: an export never writes into one that is running
+    with out_dir_lock(out, "fastgpt.export"):
+        if cfg.format == "fastgpt":
+            payload = from_nanogpt(read_nanogpt(path), path, Path(cfg.meta) if cfg.meta else None)
+            save_checkpoint(out / "best.pt", payload)
+            written = [out / "best.pt"]
+        elif cfg.format == "nanogpt":
+            written = to_nanogpt(load_checkpoint(path), path, out)
+        else:
+            from fastgpt.hf import to_hf
+            written = to_hf(load_checkpoint(path), path, out)
     print(f"wrote {', '.join(str(p) for p in written)}")
     return 0
 

@@ -134,4 +134,4 @@ def to_hf(ckpt: dict, path: Path, out: Path) -> list[Path]:
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=hf_tokenizer(tokenizer), **names,
                                                 clean_up_tokenization_spaces=False, model_max_length=c.block_size)
     fast.save_pretrained(out)
-    return sorted(p for p in out.iterdir() if p.is_file())
+    return sorted(p for p in out.iterdir() if p.is_file() and not p.name.startswith("."))

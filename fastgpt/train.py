@@ -23,9 +23,10 @@ import torch
 
 from fastgpt import kernels
 from fastgpt import distributed
-from fastgpt.checkpoint import load_checkpoint, load_weights, out_dir_lock, require, save_checkpoint, tokenizer_state
+from fastgpt.checkpoint import (check_resumable_state, load_checkpoint, load_weights, out_dir_lock, require,
+                                save_checkpoint, tokenizer_state)
 from fastgpt.config import ARCHITECTURE_FIELDS, TrainConfig, UserError, make_log, parse_train_args, run_main
-from fastgpt.data import Batches, Corpus, load_corpus
+from fastgpt.data import Batches, Corpus, atomic_write, load_corpus
 from fastgpt.distributed import World
 from fastgpt.model import GPTConfig, build_model
 from fastgpt.sample import complete
@@ -102,7 +103,8 @@ def resume_config(cfg: TrainConfig, given: set[str], ckpt: dict) -> TrainConfig:
     except TypeError as e:
         raise UserError(f"the checkpoint's train config does not fit this fastgpt ({e}): resume with the "
                         f"fastgpt that wrote it") from None
-    merged = dataclasses.replace(saved, **{name: getattr(cfg, name) for name in given})
+    # the run continues in the folder it was read from, whatever out_dir the checkpoint recorded
+    merged = dataclasses.replace(saved, **{name: getattr(cfg, name) for name in given | {"out_dir"}})
     merged = adopt_architecture(merged, given, ckpt["model_config"], "the checkpoint")
     merged.validate()
     return merged
@@ -193,6 +195,10 @@ class StopRequest:
 # the run: setup, compile, loop, summary
 
 
+# what a run writes into its out_dir: a new run refuses a folder holding any of them unless --overwrite
+RUN_FILES = ("ckpt.pt", "best.pt", "metrics.jsonl", "tb")
+
+
 def main(argv: list[str]) -> int:
     cfg, given = parse_train_args(argv, torch.cuda.is_available())
     ckpt = None
@@ -207,9 +213,10 @@ def main(argv: list[str]) -> int:
         with out_dir_lock(Path(cfg.out_dir)) if world.master else nullcontext():
             # checked after joining the job: rank 0 writes ckpt.pt only after a collective that every
             # process reaches after this check, so no process can mistake rank 0's new file for an old run
-            if ckpt is None and ckpt_path.exists() and not cfg.overwrite:
-                raise UserError(f"{ckpt_path} holds an earlier run: continue it with --resume, train into "
-                                f"another --out_dir, or pass --overwrite to replace it")
+            earlier = [name for name in RUN_FILES if (Path(cfg.out_dir) / name).exists()]
+            if ckpt is None and earlier and not cfg.overwrite:
+                raise UserError(f"{Path(cfg.out_dir) / earlier[0]} holds an earlier run: continue it with --resume, "
+                                f"train into another --out_dir, or pass --overwrite to replace it")
             code = train(cfg, given, ckpt, world)
             world.barrier()  # every process is done before any of them tears the process group down
             return code
@@ -364,7 +371,7 @@ def setup(cfg: TrainConfig, given: set[str], ckpt: dict | None, world: World) ->
     torch.manual_seed(cfg.seed)  # the same initial weights in every process
     raw_model = build_model(model_config).to(device)
     if init is not None:
-        load_weights(raw_model, init["model"], cfg.init_from)
+        load_weights(raw_model, init["model"], cfg.init_from, (init.get("model_config") or {}).get("vocab_size"))
     torch.manual_seed(world.seed(cfg.seed, 2))  # dropout: a stream of its own in each process
     optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
                                                device.type)
@@ -388,20 +395,26 @@ def setup(cfg: TrainConfig, given: set[str], ckpt: dict | None, world: World) ->
 
 
 def restore(run: Run, ckpt: dict) -> None:
-    """Weights, optimizer, iteration and every RNG state of this process, from a resumable checkpoint."""
+    """Weights, optimizer, iteration and every RNG state of this process, from a resumable checkpoint
+    (validated first: check_resumable_state)."""
+    check_resumable_state(ckpt, run.raw_model, run.optimizer, run.ckpt_path)
     run.raw_model.load_state_dict(ckpt["model"])
     run.optimizer.load_state_dict(ckpt["optimizer"])
     run.iter_num = run.start_iter = ckpt["iter_num"]
     run.best_val = ckpt["best_val_loss"]
     run.resumed = True
     rng = ckpt["rng"][run.world.rank]
-    torch.set_rng_state(rng["torch"])
-    set_device_rng_state(run.device, rng.get(run.device.type) if run.device.type != "cpu" else None)
+    try:
+        torch.set_rng_state(rng["torch"])
+        set_device_rng_state(run.device, rng.get(run.device.type) if run.device.type != "cpu" else None)
+    except (RuntimeError, TypeError, KeyError, AttributeError):
+        raise UserError(f"{run.ckpt_path} is damaged (its RNG states are not torch's): resume from another "
+                        f"checkpoint, or start afresh with --overwrite") from None
     try:
         run.train_batches.generator.set_state(rng["batches"])
-    except RuntimeError:  # a CUDA generator's state for a host one, or the other way round
+    except (RuntimeError, TypeError, KeyError):  # a CUDA generator's state for a host one, or the other way round
         raise UserError("the checkpoint's batch stream was drawn on another kind of device (or with the split "
-                        "held elsewhere): resume on the machine that wrote it") from None
+                        "held elsewhere, or is damaged): resume on the machine that wrote it") from None
     if run.scaler is not None and ckpt.get("scaler"):
         run.scaler.load_state_dict(ckpt["scaler"])
 
@@ -413,10 +426,12 @@ def open_metrics(run: Run) -> None:
         return
     path = run.out_dir / "metrics.jsonl"
     if run.resumed and path.exists():
-        kept = [line for line in path.read_text().splitlines() if kept_record(line, run.iter_num)]
-        path.write_text("".join(line + "\n" for line in kept))
+        # replaced whole or not at all: a kill while it is rewritten leaves the old file
+        text = path.read_bytes().decode("utf-8", errors="replace")
+        kept = "".join(line + "\n" for line in text.splitlines() if kept_record(line, run.iter_num))
+        atomic_write(path, lambda f: f.write(kept.encode()))
     elif not run.resumed:
-        path.write_text("")
+        atomic_write(path, lambda f: None)
     run.metrics = path.open("a")
     if run.cfg.tensorboard:
         run.tensorboard = open_tensorboard(run.out_dir / "tb", run.iter_num + 1 if run.resumed else None)

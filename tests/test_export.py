@@ -238,9 +238,9 @@ def test_bad_inputs_are_one_line_and_exit_2(tmp_path, tokenizers_by_kind, cli, c
         fmt = "fastgpt" if case == "fastgpt as nanogpt" else fmt
     elif case == "wrong meta":
         make_checkpoint(tmp_path / "best.pt", char)
-        export.main([f"--checkpoint={tmp_path / 'best.pt'}", "--format=nanogpt", f"--out={tmp_path}"])
-        (tmp_path / "meta.pkl").write_bytes(pickle.dumps({"itos": dict(enumerate("abcd"))}))
-        fmt, extra = "fastgpt", [f"--meta={tmp_path / 'meta.pkl'}"]
+        export.main([f"--checkpoint={tmp_path / 'best.pt'}", "--format=nanogpt", f"--out={tmp_path / 'nano'}"])
+        (tmp_path / "nano" / "meta.pkl").write_bytes(pickle.dumps({"itos": dict(enumerate("abcd"))}))
+        path, fmt, extra = tmp_path / "nano" / "ckpt.pt", "fastgpt", [f"--meta={tmp_path / 'nano' / 'meta.pkl'}"]
     argv = [f"--checkpoint={path}", f"--format={fmt}", f"--out={tmp_path / 'out'}", *extra]
     if case in ("truncated", "bigram"):  # the command line's side: one line on stderr, exit 2
         result = cli("fastgpt.export", *argv)

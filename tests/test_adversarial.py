@@ -1,0 +1,157 @@
+"""Hostile files and careless hands, by family: nothing a command did not create is replaced without being
+asked, a run writes only under the out_dir it was given, and what is read is validated before it is used
+(a damaged checkpoint ends in one line, never in a crash inside the optimizer)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from fastgpt import export, train
+from fastgpt.checkpoint import load_checkpoint, out_dir_lock, save_checkpoint
+from fastgpt.config import UserError
+
+from conftest import tiny_flags
+
+TINY = tiny_flags(n_layer=1, n_embd=16, block_size=8, log_interval=5)
+
+
+@pytest.fixture
+def trained(small_corpus, tmp_path):
+    out = tmp_path / "out"
+    assert train.main([f"--data_file={small_corpus}", f"--data_dir={tmp_path}", f"--out_dir={out}", *TINY,
+                       "--max_iters=10", "--eval_interval=5"]) == 0
+    return out
+
+
+def resume(out, small_corpus, tmp_path, *extra):
+    return train.main([f"--data_file={small_corpus}", f"--data_dir={tmp_path}", f"--out_dir={out}", "--resume",
+                       "--max_iters=12", *extra])
+
+
+# ---------------------------------------------------------------------------------------------------
+# nothing replaced without being asked
+
+
+@pytest.mark.parametrize("fmt, victim", [("nanogpt", "ckpt.pt"), ("fastgpt", "best.pt"), ("hf", "best.pt")])
+def test_export_never_replaces_files_it_did_not_create(trained, tmp_path, fmt, victim):
+    source, extra = trained / "best.pt", []
+    if fmt == "fastgpt":
+        assert export.main([f"--checkpoint={source}", "--format=nanogpt", f"--out={tmp_path / 'nano'}"]) == 0
+        source, extra = tmp_path / "nano" / "ckpt.pt", [f"--meta={tmp_path / 'nano' / 'meta.pkl'}"]
+    before = {p.name: p.read_bytes() for p in trained.iterdir() if p.is_file()}
+    with pytest.raises(UserError, match="already holds .*--force"):
+        export.main([f"--checkpoint={source}", f"--format={fmt}", f"--out={trained}", *extra])
+    assert {p.name: p.read_bytes() for p in trained.iterdir() if p.is_file()} == before
+    assert victim in before
+    assert export.main([f"--checkpoint={source}", f"--format={fmt}", f"--out={trained}", "--force", *extra]) == 0
+
+
+def test_export_refuses_an_out_folder_a_run_is_training_into(trained, tmp_path):
+    target = tmp_path / "busy"
+    target.mkdir()
+    with out_dir_lock(target):
+        with pytest.raises(UserError, match="in use by fastgpt.train process"):
+            export.main([f"--checkpoint={trained / 'best.pt'}", "--format=nanogpt", f"--out={target}"])
+    assert not (target / "ckpt.pt").exists()
+
+
+@pytest.mark.parametrize("left", ["best.pt", "metrics.jsonl"])
+def test_a_new_run_refuses_a_folder_holding_what_a_run_writes(trained, small_corpus, tmp_path, left):
+    for name in ("ckpt.pt", "best.pt", "metrics.jsonl"):
+        if name != left:
+            (trained / name).unlink()
+    before = (trained / left).read_bytes()
+    args = [f"--data_file={small_corpus}", f"--data_dir={tmp_path}", f"--out_dir={trained}", *TINY, "--max_iters=2"]
+    with pytest.raises(UserError, match=f"{left} holds an earlier run.*--overwrite"):
+        train.main(args)
+    assert (trained / left).read_bytes() == before
+    assert train.main([*args, "--overwrite"]) == 0
+
+
+def test_resume_writes_where_it_read_not_where_the_checkpoint_says(trained, small_corpus, tmp_path):
+    ckpt = load_checkpoint(trained / "ckpt.pt")
+    ckpt["train_config"]["out_dir"] = str(tmp_path / "elsewhere" / ".." / ".." / "x")
+    save_checkpoint(trained / "ckpt.pt", {k: v for k, v in ckpt.items() if k not in ("format", "version")})
+    assert resume(trained, small_corpus, tmp_path) == 0
+    assert load_checkpoint(trained / "ckpt.pt")["iter_num"] == 12
+    assert not (tmp_path / "elsewhere").exists() and not (tmp_path.parent / "x").exists()
+
+
+def test_metrics_are_replaced_whole_on_resume(trained, small_corpus, tmp_path, monkeypatch):
+    """A kill while metrics.jsonl is rewritten leaves the old file, not an empty one: the rewrite is a
+    new file renamed over it. Here the rename never happens (the process "dies" just before it)."""
+    before = (trained / "metrics.jsonl").read_bytes()
+
+    def killed(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        resume(trained, small_corpus, tmp_path)
+    assert (trained / "metrics.jsonl").read_bytes() == before
+
+
+def test_metrics_with_invalid_utf8_resume(trained, small_corpus, tmp_path):
+    with open(trained / "metrics.jsonl", "ab") as f:
+        f.write(b'{"iter": 3, "loss": "\xff\xfe"}\n')
+    assert resume(trained, small_corpus, tmp_path) == 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# damaged checkpoints: validated before anything is loaded
+
+
+def damage(out, change):
+    ckpt = load_checkpoint(out / "ckpt.pt")
+    change(ckpt)
+    save_checkpoint(out / "ckpt.pt", {k: v for k, v in ckpt.items() if k not in ("format", "version")})
+
+
+def first_moment(ckpt):
+    return next(iter(ckpt["optimizer"]["state"].values()))
+
+
+DAMAGES = {
+    "moment too small": lambda c: first_moment(c).update(exp_avg=first_moment(c)["exp_avg"].flatten()[:3]),
+    "moment too large": lambda c: first_moment(c).update(exp_avg_sq=torch.zeros(4096, 4096)),
+    "moment non-finite": lambda c: first_moment(c)["exp_avg"].fill_(float("nan")),
+    "moment not a tensor": lambda c: first_moment(c).update(exp_avg=[1.0]),
+    "unknown parameter": lambda c: c["optimizer"]["state"].update({999: {}}),
+    "groups missing": lambda c: c["optimizer"].update(param_groups=[]),
+    "optimizer not a dict": lambda c: c.update(optimizer=[1, 2]),
+    "weight of another shape": lambda c: c["model"].update({k: torch.zeros(3) for k in list(c["model"])[:1]}),
+    "weight missing": lambda c: c["model"].pop(next(iter(c["model"]))),
+    "NaN weights": lambda c: next(iter(c["model"].values())).fill_(float("nan")),
+    "integer weights": lambda c: c["model"].update({k: v.long() for k, v in list(c["model"].items())[:1]}),
+    "iter_num negative": lambda c: c.update(iter_num=-5),
+    "iter_num a string": lambda c: c.update(iter_num="7"),
+    "best_val_loss NaN": lambda c: c.update(best_val_loss=float("nan")),
+    "rng of the wrong size": lambda c: c["rng"][0].update(torch=torch.zeros(3, dtype=torch.uint8)),
+    "rng not a tensor": lambda c: c["rng"][0].update(torch="x"),
+    "batch stream damaged": lambda c: c["rng"][0].update(batches=torch.zeros(2, dtype=torch.uint8)),
+}
+
+
+@pytest.mark.parametrize("name", list(DAMAGES))
+def test_a_damaged_checkpoint_is_refused_in_one_line_and_left_alone(trained, small_corpus, tmp_path, name):
+    damage(trained, DAMAGES[name])
+    before = (trained / "ckpt.pt").read_bytes()
+    with pytest.raises(UserError) as refused:
+        resume(trained, small_corpus, tmp_path)
+    assert "\n" not in str(refused.value) and "ckpt.pt" in str(refused.value) or "checkpoint" in str(refused.value)
+    assert (trained / "ckpt.pt").read_bytes() == before
+
+
+def test_fine_tuning_refuses_weights_of_another_shape(trained, small_corpus, tmp_path):
+    """Only the vocabulary may grow under --init_from: a position table whose shape is not the one the
+    checkpoint's own config describes is refused, not half loaded."""
+    best = load_checkpoint(trained / "best.pt")
+    best["model"]["transformer.wpe.weight"] = best["model"]["transformer.wpe.weight"][:5]
+    save_checkpoint(tmp_path / "tampered.pt", {k: v for k, v in best.items() if k not in ("format", "version")})
+    args = [f"--data_file={small_corpus}", f"--data_dir={tmp_path}", *TINY, "--max_iters=2"]
+    with pytest.raises(UserError, match="wpe.weight has shape \\(5, 16\\), which does not fit \\(8, 16\\)"):
+        train.main([*args, f"--out_dir={tmp_path / 'ft'}", f"--init_from={tmp_path / 'tampered.pt'}"])
+    assert train.main([*args, f"--out_dir={tmp_path / 'ft2'}", f"--init_from={trained / 'best.pt'}"]) == 0
