@@ -48,7 +48,7 @@ from fastgpt.tokenizer import (  # noqa: F401 (CharTokenizer and default_prompt 
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 TRAIN_FRACTION = 0.9
-CACHE_VERSION = 3  # bump when the cached layout or the split changes
+CACHE_VERSION = 4  # bump when the cached layout or the split changes (4: the description's own checksum)
 BPE_VERSION = 1  # bump when the BPE's training changes
 CHUNK_BYTES = 1 << 20  # text read, decoded and encoded at a time: the encoders hold up to ~40 bytes a byte
 MAP_BYTES = 1 << 26  # token files larger than this are memory-mapped, smaller ones read
@@ -163,11 +163,11 @@ def corpus_files(data_file: str, data_dir: str | Path, flag: str = "--data_file"
 
 def _corpus_files(path: Path, data_file: str, flag: str) -> list[Path]:
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix == ".txt" and p.is_file())
+        files = distinct(sorted(p for p in path.iterdir() if p.suffix == ".txt" and p.is_file()))
         what = (f"{path} is not a regular file and holds no .txt files: pass a UTF-8 text file, or a directory "
                 f"of them named *.txt, with {flag}")
     elif not path.exists() and set("*?[") & set(data_file):
-        files = sorted(Path(p) for p in glob.glob(data_file, recursive=True) if Path(p).is_file())
+        files = distinct(sorted(Path(p) for p in glob.glob(data_file, recursive=True) if Path(p).is_file()))
         what = f"{flag}={data_file} matches no files: check the pattern (quote it, so the shell leaves it alone)"
     else:
         check_file(path, flag)
@@ -178,6 +178,19 @@ def _corpus_files(path: Path, data_file: str, flag: str) -> list[Path]:
     if not nonempty:
         raise UserError(f"{flag}={data_file}: its {len(files)} file(s) are all empty: pass some UTF-8 text")
     return nonempty
+
+
+def distinct(files: list[Path]) -> list[Path]:
+    """Each file once, at its first place: links to one file, and a `**` glob that follows a loop of
+    symbolic links through the same files again and again, must not read them twice (val text in train)."""
+    seen: set[Path] = set()
+    kept = []
+    for path in files:
+        real = path.resolve()
+        if real not in seen:
+            seen.add(real)
+            kept.append(path)
+    return kept
 
 
 def check_file(path: Path, flag: str) -> None:
@@ -275,9 +288,10 @@ def scan(files: list[Path], want_chars: bool, flag: str = "--data_file") -> Text
 
 
 def text_chunks(text: Text, start: int = 0, stop: int | None = None,
-                progress: Progress | None = None) -> Iterator[str]:
+                progress: Progress | None = None, sha=None) -> Iterator[str]:
     """The decoded text of the bytes [start, stop) of the files read as one, in chunks; `start` and `stop`
-    fall on character boundaries, and a character split across a chunk's edge is decoded whole."""
+    fall on character boundaries, and a character split across a chunk's edge is decoded whole. `sha`, a
+    hashlib object, is fed the bytes as they are read."""
     stop = text.nbytes if stop is None else stop
     pos = 0
     for path, size in zip(text.files, text.sizes):
@@ -286,6 +300,8 @@ def text_chunks(text: Text, start: int = 0, stop: int | None = None,
             decoder = codecs.getincrementaldecoder("utf-8")()
             try:
                 for chunk in read_chunks(path, lo - pos, hi - pos):
+                    if sha is not None:
+                        sha.update(chunk)
                     yield decoder.decode(chunk)
                     if progress is not None:
                         progress.update(len(chunk))
@@ -392,28 +408,46 @@ def cache_stem(data_dir: str | Path, text: Text, tokenizer: Tokenizer) -> Path:
     return Path(data_dir) / "cache" / f"{text.sha256}-{tokenizer.kind}-{key}-v{CACHE_VERSION}"
 
 
-def read_tokens(stem: Path, vocab_size: int) -> tuple[np.ndarray, int] | None:
+def describe(meta: dict) -> int:
+    """The CRC-32 of a cache entry's description: its checksum covers every field that is trusted (the
+    split's length too, which no token's CRC can vouch for)."""
+    fields = {k: meta[k] for k in ("dtype", "tokens", "train", "crc32", "sha256", "tokenizer")}
+    return zlib.crc32(json.dumps(fields, sort_keys=True).encode())
+
+
+def read_tokens(stem: Path, vocab_size: int, byte_level: bool) -> tuple[np.ndarray, int] | None:
     """The cached tokens (memory-mapped) and the train split's length; None when the entry is missing or
-    fails its checks (size, dtype, CRC-32)."""
+    fails any check (the description's own checksum, dtype, size, split, the tokens' CRC-32 and that every
+    id is below vocab_size), so that a damaged entry is rebuilt, never trusted."""
     try:
         meta = json.loads(Path(f"{stem}.json").read_text())
-        dtype, n, n_train = np.dtype(meta["dtype"]), int(meta["tokens"]), int(meta["train"])
-        path = Path(f"{stem}.bin")
-        if dtype != token_dtype(vocab_size) or not 0 <= n_train <= n or path.stat().st_size != n * dtype.itemsize:
+        if not isinstance(meta, dict) or meta.get("check") != describe(meta):
             return None
-        crc = 0
+        dtype, n, n_train = np.dtype(meta["dtype"]), meta["tokens"], meta["train"]
+        path = Path(f"{stem}.bin")
+        counts = type(n) is int and type(n_train) is int and 0 <= n_train <= n and n > 0
+        if not counts or dtype != token_dtype(vocab_size):
+            return None
+        if path.stat().st_size != n * dtype.itemsize or (not byte_level and n_train != int(n * TRAIN_FRACTION)):
+            return None
+        crc, top, carry = 0, 0, b""  # the CRC and the largest id, in one pass that maps nothing
         for chunk in read_chunks(path):
             crc = zlib.crc32(chunk, crc)
-        if crc != meta["crc32"] or n == 0:
+            chunk = carry + chunk
+            whole = len(chunk) - len(chunk) % dtype.itemsize
+            if whole:
+                top = max(top, int(np.frombuffer(chunk, dtype=dtype, count=whole // dtype.itemsize).max()))
+            carry = chunk[whole:]
+        if crc != meta["crc32"] or top >= vocab_size:  # damaged, or an id the model has no row for
             return None
         if path.stat().st_size <= MAP_BYTES:  # small: in memory, like any array
-            return np.fromfile(path, dtype=dtype, count=n), n_train
-        # copy-on-write mapping: writable for torch.from_numpy, shared page cache, never written
-        tokens = np.memmap(path, dtype=dtype, mode="c", shape=(n,))
-        with contextlib.suppress(AttributeError, OSError):  # batches are random windows: no read-ahead
-            tokens._mmap.madvise(mmap.MADV_RANDOM)
+            tokens = np.fromfile(path, dtype=dtype, count=n)
+        else:  # copy-on-write mapping: writable for torch.from_numpy, shared page cache, never written
+            tokens = np.memmap(path, dtype=dtype, mode="c", shape=(n,))
+            with contextlib.suppress(AttributeError, OSError):  # batches are random windows: no read-ahead
+                tokens._mmap.madvise(mmap.MADV_RANDOM)
         return tokens, n_train
-    except (OSError, ValueError, KeyError, TypeError, UserError):
+    except (OSError, ValueError, KeyError, TypeError, OverflowError, RecursionError, UserError):
         return None
 
 
@@ -422,12 +456,13 @@ def write_tokens(stem: Path, text: Text, tokenizer: Tokenizer) -> None:
     stem.json, written after it."""
     dtype = token_dtype(tokenizer.vocab_size)
     progress = Progress(f"encoding the corpus ({tokenizer.kind})", text.nbytes)
+    sha = hashlib.sha256()  # of the bytes encoded: a file edited meanwhile must not be cached as the original
     if tokenizer.byte_level:  # a BPE: each split's text encoded apart
         split = split_point(text)
-        parts = [pretoken_chunks(text_chunks(text, 0, split, progress)),
-                 pretoken_chunks(text_chunks(text, split, None, progress))]
+        parts = [pretoken_chunks(text_chunks(text, 0, split, progress, sha)),
+                 pretoken_chunks(text_chunks(text, split, None, progress, sha))]
     else:  # characters: one stream, split on tokens below
-        parts = [text_chunks(text, progress=progress)]
+        parts = [text_chunks(text, progress=progress, sha=sha)]
     counts, crc = [], 0
 
     def write(f) -> None:
@@ -439,6 +474,9 @@ def write_tokens(stem: Path, text: Text, tokenizer: Tokenizer) -> None:
                 f.write(raw)
                 crc = zlib.crc32(raw, crc)
                 counts[-1] += len(raw) // dtype.itemsize
+        if sha.hexdigest() != text.sha256:
+            raise UserError(f"{text.files[0] if len(text.files) == 1 else 'the corpus'} changed while it was "
+                            f"being encoded: start again once it is written")
 
     atomic_write(Path(f"{stem}.bin"), write)
     progress.close()
@@ -446,21 +484,22 @@ def write_tokens(stem: Path, text: Text, tokenizer: Tokenizer) -> None:
     n_train = counts[0] if tokenizer.byte_level else int(count * TRAIN_FRACTION)
     meta = {"dtype": dtype.name, "tokens": count, "train": n_train, "crc32": crc, "sha256": text.sha256,
             "tokenizer": tokenizer.kind, "files": [str(p) for p in text.files]}
+    meta["check"] = describe(meta)
     atomic_write(Path(f"{stem}.json"), lambda f: f.write(json.dumps(meta, indent=1).encode()))
 
 
 def cached_tokens(data_dir: str | Path, text: Text, tokenizer: Tokenizer) -> tuple[np.ndarray, int]:
     """The corpus' tokens and the train split's length, encoded on the first start and read back after."""
     stem = cache_stem(data_dir, text, tokenizer)
-    found = read_tokens(stem, tokenizer.vocab_size)
+    found = read_tokens(stem, tokenizer.vocab_size, tokenizer.byte_level)
     if found is not None:
         return found
     try:
         with file_lock(Path(f"{stem}.lock")):
-            found = read_tokens(stem, tokenizer.vocab_size)  # built by another process while we waited
+            found = read_tokens(stem, tokenizer.vocab_size, tokenizer.byte_level)  # built meanwhile by another
             if found is None:
                 write_tokens(stem, text, tokenizer)
-                found = read_tokens(stem, tokenizer.vocab_size)
+                found = read_tokens(stem, tokenizer.vocab_size, tokenizer.byte_level)
     except OSError as e:
         raise UserError(f"cannot write the encoded corpus to {stem.parent} ({e.strerror}): free disk space, "
                         f"or pass a writable --data_dir") from None

@@ -4,8 +4,11 @@ asked, a run writes only under the out_dir it was given, and what is read is val
 
 from __future__ import annotations
 
+import json
 import os
+import zlib
 
+import numpy as np
 import pytest
 import torch
 
@@ -155,3 +158,103 @@ def test_fine_tuning_refuses_weights_of_another_shape(trained, small_corpus, tmp
     with pytest.raises(UserError, match="wpe.weight has shape \\(5, 16\\), which does not fit \\(8, 16\\)"):
         train.main([*args, f"--out_dir={tmp_path / 'ft'}", f"--init_from={tmp_path / 'tampered.pt'}"])
     assert train.main([*args, f"--out_dir={tmp_path / 'ft2'}", f"--init_from={trained / 'best.pt'}"]) == 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# tampered caches: rebuilt, never trusted
+
+
+def cache_entry(data_dir):
+    (meta,) = (data_dir / "cache").glob("*-v4.json")
+    return meta, meta.with_suffix(".bin")
+
+
+def recheck(meta_path, meta):
+    """A description rewritten as a careless tool would, its own checksum made to match again."""
+    from fastgpt.data import describe
+
+    meta["check"] = describe(meta)
+    meta_path.write_text(json.dumps(meta))
+
+
+def tamper_train_count(meta_path, bin_path):
+    meta = json.loads(meta_path.read_text())
+    meta["train"] -= 100
+    meta_path.write_text(json.dumps(meta))  # the checksum no longer matches
+
+
+def tamper_train_count_rechecked(meta_path, bin_path):
+    meta = json.loads(meta_path.read_text())
+    meta["train"] -= 100  # a char split is 90% of the tokens: derivable, so checked too
+    recheck(meta_path, meta)
+
+
+def tamper_ids_out_of_vocab(meta_path, bin_path):
+    raw = bytearray(bin_path.read_bytes())
+    raw[10] = 250
+    bin_path.write_bytes(bytes(raw))
+    meta = json.loads(meta_path.read_text())
+    meta["crc32"] = zlib.crc32(bytes(raw))
+    recheck(meta_path, meta)
+
+
+TAMPERS = {
+    "train count": tamper_train_count,
+    "train count, checksum redone": tamper_train_count_rechecked,
+    "out-of-vocabulary ids, CRC redone": tamper_ids_out_of_vocab,
+    "Infinity": lambda m, b: m.write_text('{"dtype": "uint8", "tokens": Infinity, "train": 1, "crc32": 0}'),
+    "deep nesting": lambda m, b: m.write_text("[" * 100000 + "]" * 100000),
+    "not an object": lambda m, b: m.write_text("[1, 2]"),
+    "invalid UTF-8": lambda m, b: m.write_bytes(b"\xff\xfe{}"),
+    "tokens truncated": lambda m, b: b.write_bytes(b.read_bytes()[:-3]),
+    "description gone": lambda m, b: m.unlink(),
+}
+
+
+@pytest.mark.parametrize("name", list(TAMPERS))
+def test_a_tampered_token_cache_is_rebuilt(small_corpus, tmp_path, name):
+    from fastgpt.data import load_corpus
+
+    first = load_corpus(str(small_corpus), tmp_path)
+    meta_path, bin_path = cache_entry(tmp_path)
+    TAMPERS[name](meta_path, bin_path)
+    again = load_corpus(str(small_corpus), tmp_path)
+    assert np.array_equal(again.train, first.train) and np.array_equal(again.val, first.val)
+    assert load_corpus(str(small_corpus), tmp_path).train.shape == first.train.shape  # and reads back
+
+
+def test_a_corpus_edited_while_it_is_encoded_is_not_cached_as_the_original(small_corpus, tmp_path, monkeypatch):
+    from fastgpt import data
+
+    original = small_corpus.read_bytes()
+    real = data.read_chunks
+    calls = []
+
+    def edited_midway(path, start=0, stop=None):
+        for i, chunk in enumerate(real(path, start, stop)):
+            calls.append(i)
+            if len(calls) == 2:  # the encoding pass: the text changes under it (same size)
+                path.write_bytes(original.replace(b"ROMEO", b"TYBLT"))
+            yield chunk
+
+    monkeypatch.setattr(data, "CHUNK_BYTES", 4096)
+    monkeypatch.setattr(data, "read_chunks", edited_midway)
+    with pytest.raises(UserError, match="changed while it was being encoded"):
+        data.load_corpus(str(small_corpus), tmp_path)
+    monkeypatch.setattr(data, "read_chunks", real)
+    assert not list((tmp_path / "cache").glob("*.bin"))
+    small_corpus.write_bytes(original)
+    assert data.load_corpus(str(small_corpus), tmp_path).train.size > 0
+
+
+def test_a_glob_through_a_loop_of_links_reads_each_file_once(tmp_path):
+    from fastgpt.data import corpus_files
+
+    (tmp_path / "texts" / "sub").mkdir(parents=True)
+    (tmp_path / "texts" / "a.txt").write_text("alpha\n")
+    (tmp_path / "texts" / "sub" / "b.txt").write_text("beta\n")
+    (tmp_path / "texts" / "sub" / "loop").symlink_to(tmp_path / "texts")
+    (tmp_path / "texts" / "again.txt").symlink_to(tmp_path / "texts" / "a.txt")
+    files = corpus_files(str(tmp_path / "texts" / "**" / "*.txt"), tmp_path)
+    assert sorted(p.resolve().name for p in files) == ["a.txt", "b.txt"]
+    assert len(corpus_files(str(tmp_path / "texts"), tmp_path)) == 1  # a directory: its own .txt files, once
