@@ -29,7 +29,8 @@ import time
 from pathlib import Path
 
 from fastgpt import data
-from fastgpt.data import TINY_SHAKESPEARE_SHA256
+from fastgpt.config import UserError, run_main
+from fastgpt.data import TINY_SHAKESPEARE_SHA256, atomic_write
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -99,8 +100,8 @@ def median_row(rounds: list[dict]) -> dict:
     return row
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.corpus", description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=int, default=600)
     parser.add_argument("--tokenizers", default="char,bpe")
     parser.add_argument("--vocab_size", type=int, default=4096)
@@ -108,10 +109,18 @@ def main() -> None:
     parser.add_argument("--source", default="", help="Tiny Shakespeare (default: data/ or ../shared/data/)")
     parser.add_argument("--work", default="", help="where the corpus and caches go (default: a temp dir)")
     parser.add_argument("--out", default="bench/results")
-    args = parser.parse_args()
+    parser.add_argument("--force", action="store_true", help="replace a report of the same day and size in --out")
+    args = parser.parse_args(argv)
+    check_args(args)
     source = Path(args.source) if args.source else next(
-        p for p in (ROOT / "data/tinyshakespeare/input.txt", ROOT.parent / "shared/data/tinyshakespeare/input.txt")
-        if p.is_file())
+        (p for p in (ROOT / "data/tinyshakespeare/input.txt", ROOT.parent / "shared/data/tinyshakespeare/input.txt")
+         if p.is_file()), None)
+    if source is None or not source.is_file():
+        raise UserError(f"no Tiny Shakespeare at {source or 'data/tinyshakespeare/input.txt'}: pass its path "
+                        f"with --source=PATH")
+    stem = Path(args.out) / f"{datetime.date.today().isoformat()}-corpus-{args.mb}mb"
+    if stem.with_suffix(".json").exists() and not args.force:
+        raise UserError(f"{stem}.json exists: pass another --out, or --force to replace it")
     work = Path(args.work or tempfile.mkdtemp(prefix="fastgpt-corpus-"))
     work.mkdir(parents=True, exist_ok=True)
     corpus = work / f"shakespeare-{args.mb}mb.txt"
@@ -129,12 +138,30 @@ def main() -> None:
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"{report['date']}-corpus-{args.mb}mb"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
-    stem.with_suffix(".md").write_text(markdown(report))
+    atomic_write(stem.with_suffix(".json"), lambda f: f.write((json.dumps(report, indent=1) + "\n").encode()))
+    atomic_write(stem.with_suffix(".md"), lambda f: f.write(markdown(report).encode()))
     print(f"wrote {stem}.json and .md")
+    return 0
+
+
+def check_args(args) -> None:
+    """The sizes and names a user passes, checked before any work: one line naming the fix."""
+    if not 1 <= args.mb <= 100_000:
+        raise UserError(f"--mb must be between 1 and 100000 (MB of corpus to build), got {args.mb}")
+    if not 1 <= args.rounds <= 100:
+        raise UserError(f"--rounds must be between 1 and 100, got {args.rounds}")
+    unknown = [t for t in args.tokenizers.split(",") if t not in ("char", "bpe")]
+    if unknown or not args.tokenizers:
+        raise UserError(f"--tokenizers takes char and/or bpe, comma-separated, got {args.tokenizers!r}")
+    if not 257 <= args.vocab_size <= 1 << 20:
+        raise UserError(f"--vocab_size must be between 257 and 1048576, got {args.vocab_size}")
+    where = Path(args.work or tempfile.gettempdir()).resolve()
+    while not where.exists():
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    if args.mb * 3e6 > free:  # the corpus, its token cache and the BPE's
+        raise UserError(f"--mb={args.mb} needs about {args.mb * 3 / 1e3:.1f} GB of disk and {free / 1e9:.1f} GB "
+                        f"are free: pass a smaller --mb, or a --work on a larger disk")
 
 
 def markdown(report: dict) -> str:
@@ -153,4 +180,4 @@ def markdown(report: dict) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, "bench.corpus")

@@ -19,6 +19,7 @@ import torch
 
 from fastgpt.config import UserError
 from fastgpt.data import atomic_write
+from fastgpt.memory import check_model
 from fastgpt.model import GPTConfig, LanguageModel, build_model
 from fastgpt.tokenizer import Tokenizer, from_state
 
@@ -121,6 +122,7 @@ def model_from_checkpoint(ckpt: dict, path: str | Path) -> tuple[LanguageModel, 
     """The model (on the CPU, eval mode) and tokenizer stored in a loaded checkpoint."""
     try:
         config = GPTConfig(**ckpt["model_config"])
+        check_model(config, torch.device("cpu"), str(path))  # built on the CPU first
         model = build_model(config)
         model.load_state_dict(ckpt["model"])
         tokenizer = from_state(tokenizer_state(ckpt))

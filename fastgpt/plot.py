@@ -44,18 +44,23 @@ class Run:
     label: str = ""
 
 
+NUMBERS = ("loss", "val_loss", "train_loss", "lr", "tokens_per_sec", "mfu", "train_seconds", "ms_per_iter")
+
+
 def read_run(path: Path) -> Run:
     metrics = path / "metrics.jsonl"
     if not metrics.is_file():
         raise UserError(f"{path} has no metrics.jsonl: pass the --out_dir of a fastgpt.train run")
     run = Run(path)
-    for line in metrics.read_text().splitlines():
+    for line in metrics.read_bytes().decode("utf-8", errors="replace").splitlines():  # a bad line is skipped
         try:
             record = json.loads(line)
         except ValueError:
             continue  # a line cut short by a crash
-        if not isinstance(record, dict) or "iter" not in record or record.get("summary"):
+        if not isinstance(record, dict) or type(record.get("iter")) is not int or record.get("summary"):
             continue
+        if not all(isinstance(v, (int, float)) for k, v in record.items() if k in NUMBERS and v is not None):
+            continue  # a damaged or foreign record: plotted values are numbers
         (run.evals if "val_loss" in record else run.steps if "loss" in record else []).append(record)
     if not run.steps and not run.evals:
         raise UserError(f"{metrics} has no training records yet: plot it after the run has logged a step")

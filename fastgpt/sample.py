@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from fastgpt import kernels
+from fastgpt import kernels, memory
 from fastgpt.checkpoint import load_checkpoint, model_from_checkpoint
 from fastgpt.config import UserError, format_help, parse_flags, run_main
 from fastgpt.data import read_text_file
@@ -77,7 +77,9 @@ def main(argv: list[str]) -> int:
     check_prompt(tokenizer, prompt)
 
     kernels.set_backend("reference" if cfg.reference else "auto")
-    model.to(resolve_device(cfg.device))
+    device = resolve_device(cfg.device)
+    memory.check_sampling(model.config, cfg.num_samples, len(prompt) + cfg.max_new_tokens, device)
+    model.to(device)
     texts = complete(model, tokenizer, prompt, cfg.max_new_tokens, cfg.seed, num_samples=cfg.num_samples,
                      temperature=cfg.temperature, top_k=cfg.top_k or None, use_cache=cfg.kv_cache)
     print("\n---------------\n".join(texts))

@@ -214,6 +214,11 @@ def check_prompt(tokenizer: Tokenizer, prompt: str) -> None:
     vocabulary (the byte-level tokenizers take any text)."""
     if not prompt:
         raise UserError("the prompt is empty: pass at least one character with --prompt")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:  # bytes that are not UTF-8 reach Python as lone surrogates
+        raise UserError(f"the prompt is not UTF-8 text (a bad byte at character {e.start}): pass UTF-8 text, "
+                        f"or a UTF-8 file with --prompt_file") from None
     unknown = tokenizer.unknown(prompt)
     if unknown:
         raise UserError(f"the prompt has characters the model's vocabulary lacks: "

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from fastgpt import kernels
-from fastgpt import distributed
+from fastgpt import distributed, memory
 from fastgpt.checkpoint import (check_resumable_state, load_checkpoint, load_weights, out_dir_lock, require,
                                 save_checkpoint, tokenizer_state)
 from fastgpt.config import ARCHITECTURE_FIELDS, TrainConfig, UserError, make_log, parse_train_args, run_main
@@ -356,6 +356,7 @@ def setup(cfg: TrainConfig, given: set[str], ckpt: dict | None, world: World) ->
         cfg = adopt_architecture(cfg, given, init["model_config"], cfg.init_from)
 
     cfg, state = checkpoint_tokenizer(cfg, given, ckpt, init)
+    memory.check_training(cfg.model_config(1), cfg.batch_size, device)  # before the corpus is read
     corpus = load_corpus(cfg.data_file, cfg.data_dir, extend_vocab=cfg.extend_vocab and ckpt is None,
                          expected_sha256=ckpt["corpus_sha256"] if ckpt else None, tokenizer=cfg.tokenizer,
                          vocab_size=cfg.vocab_size, tokenizer_state=state)
@@ -364,6 +365,7 @@ def setup(cfg: TrainConfig, given: set[str], ckpt: dict | None, world: World) ->
                         f"it {corpus.tokenizer.vocab_size ** 2 / 1e6:,.0f}M parameters: train it on at most "
                         f"{MAX_BIGRAM_VOCAB} tokens (--tokenizer=char, or bpe with a smaller --vocab_size), or "
                         f"choose another --model")
+    memory.check_training(cfg.model_config(corpus.tokenizer.vocab_size), cfg.batch_size, device)
     train_batches = Batches(corpus.train, cfg.block_size, cfg.batch_size, device, world.seed(cfg.seed, 0), "train")
     # the val split is only evaluated: its batches come from its eval_generator, not its own generator
     val_batches = Batches(corpus.val, cfg.block_size, cfg.batch_size, device, world.seed(cfg.seed, 0), "val")

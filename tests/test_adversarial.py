@@ -258,3 +258,67 @@ def test_a_glob_through_a_loop_of_links_reads_each_file_once(tmp_path):
     files = corpus_files(str(tmp_path / "texts" / "**" / "*.txt"), tmp_path)
     assert sorted(p.resolve().name for p in files) == ["a.txt", "b.txt"]
     assert len(corpus_files(str(tmp_path / "texts"), tmp_path)) == 1  # a directory: its own .txt files, once
+
+
+# ---------------------------------------------------------------------------------------------------
+# huge values: refused before anything is allocated
+
+
+@pytest.mark.parametrize("flag", ["--batch_size=1000000", "--n_layer=1000000000", "--block_size=100000000",
+                                  "--n_embd=10000000"])
+def test_sizes_beyond_the_machine_are_refused_before_the_corpus_is_read(small_corpus, tmp_path, flag):
+    with pytest.raises(UserError, match="needs about .* GiB, more than the .* this machine's cpu has: lower"):
+        train.main([f"--data_file={small_corpus}", f"--data_dir={tmp_path}", f"--out_dir={tmp_path / 'o'}",
+                    *tiny_flags(), flag, "--n_head=1"])
+    assert not (tmp_path / "cache").exists()  # refused before encoding
+
+
+def test_a_checkpoint_recording_a_huge_model_is_refused_before_it_is_built(trained, tmp_path):
+    from fastgpt import sample
+
+    best = load_checkpoint(trained / "best.pt")
+    best["model_config"]["n_layer"] = 10**9
+    save_checkpoint(tmp_path / "huge.pt", {k: v for k, v in best.items() if k not in ("format", "version")})
+    with pytest.raises(UserError, match="the model of .*huge.pt needs about"):
+        sample.main([f"--checkpoint={tmp_path / 'huge.pt'}"])
+
+
+def test_sampling_more_than_the_machine_holds_is_refused(trained):
+    from fastgpt import sample
+
+    with pytest.raises(UserError, match="100000000 samples of .* lower --num_samples"):
+        sample.main([f"--out_dir={trained}", "--num_samples=100000000"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# bad text where text is read
+
+
+def test_a_prompt_that_is_not_utf8_is_one_line(trained, cli):
+    from conftest import one_line_error
+
+    result = cli("fastgpt.sample", f"--out_dir={trained}", "--prompt=\udcff", "--max_new_tokens=2")
+    assert "the prompt is not UTF-8 text" in one_line_error(result)
+
+
+def test_plot_skips_damaged_metrics_lines(trained, tmp_path):
+    from fastgpt import plot
+
+    with open(trained / "metrics.jsonl", "ab") as f:
+        f.write(b'{"iter": 3, "loss": "\xff"}\n{"iter": "x", "loss": 1.0}\n[1]\n')
+    run = plot.read_run(trained)
+    assert run.steps and all(isinstance(r["loss"], float) for r in run.steps)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--rounds=0"], "--rounds must be between 1 and 100"),
+    (["--source=/nonexistent/input.txt"], "no Tiny Shakespeare at /nonexistent/input.txt"),
+    (["--mb=0"], "--mb must be between 1 and 100000"),
+    (["--tokenizers=char,x"], "--tokenizers takes char and/or bpe"),
+    (["--vocab_size=5"], "--vocab_size must be between 257"),
+])
+def test_bench_corpus_edge_flags_are_one_line(flags, message, cli, tmp_path):
+    from conftest import one_line_error
+
+    result = cli("bench.corpus", *flags, f"--out={tmp_path}")
+    assert message in one_line_error(result)

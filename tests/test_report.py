@@ -242,8 +242,8 @@ def test_smoke_records_a_case_that_raises_and_runs_the_rest(tmp_path, monkeypatc
     out = tmp_path / "smoke.jsonl"
     assert smoke.main([f"--out={out}", "--device=cpu"]) == 1
     lines = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [(r["name"], r["ok"]) for r in lines] == [("layer_norm", False), ("add_layer_norm", True), ("gpt", True)]
-    assert lines[0]["error"] == "RuntimeError: kernel exploded" and "Traceback" in lines[0]["traceback"]
+    assert [(r["name"], r["ok"]) for r in lines] == [("gpt", True), ("layer_norm", False), ("add_layer_norm", True)]
+    assert lines[1]["error"] == "RuntimeError: kernel exploded" and "Traceback" in lines[1]["traceback"]
     assert "smoke layer_norm: FAILED" in capsys.readouterr().out
 
 
