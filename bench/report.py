@@ -302,6 +302,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data_dir", default=str(ROOT / "data"))
     parser.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated, of {', '.join(PHASES)}")
     parser.add_argument("--merge", default="", help="an earlier report's .json to fold into this one")
+    parser.add_argument("--force", action="store_true", help="replace a report of the same name in --out "
+                                                              "(without --merge of it)")
     parser.add_argument("--device", choices=("cuda", "cpu"), default=None,
                         help="cuda (the default where there is one) or cpu (to test the machinery)")
     parser.add_argument("--cache_dir", default=str(ROOT / ".cache" / "report"),
@@ -422,6 +424,10 @@ def main(argv: list[str] | None = None) -> int:
     # a call of some phases names them, so that two calls of one day, a second for what the first left, differ
     stem = out / "-".join([datetime.date.today().isoformat(), slug(env_info["device"]),
                            *(chosen if len(chosen) < len(PHASES) else [])])
+    merging_itself = bool(args.merge) and Path(args.merge).resolve() == stem.with_suffix(".json").resolve()
+    if stem.with_suffix(".json").exists() and not (merging_itself or args.force):
+        raise UserError(f"{stem}.json exists: fold this call into it with --merge={stem}.json, write to another "
+                        f"--out, or pass --force to replace it")
     command = shlex.join(["python", "-m", "bench.report", *(argv if argv is not None else sys.argv[1:])])
     report = {"environment": env_info, "preset": args.preset, "targets": args.targets,
               "commands": (earlier or {}).get("commands", []) + [command],

@@ -30,6 +30,7 @@ class AttentionConfig:
     checkpoint: str = "out/best.pt"  # the checkpoint whose attention to draw
     prompt: str = "ROMEO:"  # the tokens on both axes (at most block_size of them)
     out: str = "attn.png"  # the picture (.png, .svg or .pdf)
+    force: bool = False  # replace --out if it exists
 
 
 @torch.no_grad()
@@ -102,7 +103,7 @@ def main(argv: list[str]) -> int:
                         f"{model.config.block_size}: shorten it")
     maps = attention_maps(model, torch.tensor([ids]))
     title = f"attention of {path} over {cfg.prompt!r} (PyTorch reference path: the kernels keep no probabilities)"
-    save(attention_figure(maps, token_labels(tokenizer, ids), title), Path(cfg.out))
+    save(attention_figure(maps, token_labels(tokenizer, ids), title), Path(cfg.out), cfg.force)
     print(f"wrote {cfg.out}: {len(maps)} layer(s) x {maps[0].shape[0]} head(s) over {len(ids)} tokens, computed "
           f"on the PyTorch reference path (the Triton kernels never materialise the attention probabilities)")
     return 0

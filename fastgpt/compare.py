@@ -21,6 +21,7 @@ import torch
 from fastgpt import train
 from fastgpt.checkpoint import load_checkpoint, model_from_checkpoint
 from fastgpt.config import PRESETS, TrainConfig, UserError, format_help, parse_train_args, run_main
+from fastgpt.data import atomic_write
 from fastgpt.tokenizer import default_prompt
 from fastgpt.model import MODELS
 from fastgpt.plot import compare_figure, read_run, save
@@ -85,12 +86,14 @@ def main(argv: list[str]) -> int:
             return code
         rows.append(summarize(name, out_root / name, cfg.seed))
     table = markdown(rows)
-    (out_root / "compare.md").write_text(table + "\n")
-    (out_root / "compare.json").write_text(json.dumps({"argv": argv, "rows": rows}, indent=2) + "\n")
+    atomic_write(out_root / "compare.md", lambda f: f.write((table + "\n").encode()))
+    atomic_write(out_root / "compare.json", lambda f: f.write((json.dumps({"argv": argv, "rows": rows}, indent=2)
+                                                               + "\n").encode()))
     print(table)
     written = [out_root / "compare.md", out_root / "compare.json"]
     try:
-        save(compare_figure(rows, [read_run(out_root / r["model"]) for r in rows]), out_root / "compare.png")
+        # this run's own chart, beside the six runs it just trained into out_root
+        save(compare_figure(rows, [read_run(out_root / r["model"]) for r in rows]), out_root / "compare.png", True)
         written.append(out_root / "compare.png")
     except UserError as e:  # no matplotlib: the table is the result, the chart a note
         print(f"fastgpt.compare: no chart: {e}", file=sys.stderr)

@@ -10,6 +10,8 @@ a merge-free BPE (each character one token), the trained BPE as it is, GPT-2's f
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -128,10 +130,17 @@ def to_hf(ckpt: dict, path: Path, out: Path) -> list[Path]:
     if missing or unexpected:
         raise UserError(f"{path} does not map onto GPT-2 (missing {missing[:3]}, unexpected {unexpected[:3]}): "
                         f"export a checkpoint of --model=gpt")
-    out.mkdir(parents=True, exist_ok=True)
-    hf.save_pretrained(out, safe_serialization=True)
     names = {"bos_token": end[0], "eos_token": end[0]} if end[0] else {}
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=hf_tokenizer(tokenizer), **names,
                                                 clean_up_tokenization_spaces=False, model_max_length=c.block_size)
-    fast.save_pretrained(out)
-    return sorted(p for p in out.iterdir() if p.is_file() and not p.name.startswith("."))
+    # transformers writes in place: it writes into a staging folder beside the files, each then renamed
+    # over its namesake, so a file of an earlier export (--force) is replaced whole or not at all
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    with tempfile.TemporaryDirectory(dir=out, prefix=".export-") as staging:
+        hf.save_pretrained(staging, safe_serialization=True)
+        fast.save_pretrained(staging)
+        for made in sorted(Path(staging).iterdir()):
+            os.replace(made, out / made.name)
+            written.append(out / made.name)
+    return written

@@ -1,6 +1,6 @@
 """Pictures of training runs: `python -m fastgpt.plot RUN_DIR [RUN_DIR ...] --out=FILE.png`.
 
-Four panels from each run's metrics.jsonl: train and val loss against iteration, val loss against
+`--force` replaces an existing --out. Four panels from each run's metrics.jsonl: train and val loss against iteration, val loss against
 training seconds, the learning rate, tokens/s. Several runs are overlaid; each one's legend is the
 settings in which it differs from the others (from its ckpt.pt's train config: `reference=True`,
 `seed=2`, ...), or its directory's name. matplotlib draws off screen (no display needed); it is the
@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from fastgpt.config import UserError, run_main
+from fastgpt.data import atomic_write
 
 EXTRA = "plot"
 # settings that tell runs apart in a legend, in this order; others (paths, intervals) do not
@@ -137,12 +138,14 @@ def compare_figure(rows: list[dict], runs: list[Run]):
     return fig
 
 
-def save(fig, out: Path) -> None:
+def save(fig, out: Path, force: bool) -> None:
+    """Write the picture whole or not at all; an existing file is replaced only with `force`."""
     if out.suffix.lower() not in (".png", ".svg", ".pdf"):
         raise UserError(f"--out={out} needs a picture's suffix: .png, .svg or .pdf")
+    if out.exists() and not force:
+        raise UserError(f"--out={out} exists: choose another path, or pass --force to replace it")
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out, dpi=110)
+        atomic_write(out, lambda f: fig.savefig(f, dpi=110, format=out.suffix.lower()[1:]))
     except OSError as e:
         raise UserError(f"cannot write --out={out} ({e.strerror}): choose a writable path") from None
 
@@ -151,19 +154,21 @@ def main(argv: list[str]) -> int:
     if "--help" in argv or "-h" in argv or not argv:
         print(__doc__.strip())
         return 0 if argv else 2
-    dirs, out = [], None
+    dirs, out, force = [], None, False
     for arg in argv:
         if arg.startswith("--out="):
             out = Path(arg.partition("=")[2])
+        elif arg == "--force":
+            force = True
         elif arg.startswith("--"):
-            raise UserError(f"unknown flag {arg}: fastgpt.plot takes run directories and --out=FILE.png")
+            raise UserError(f"unknown flag {arg}: fastgpt.plot takes run directories, --out=FILE.png and --force")
         else:
             dirs.append(Path(arg))
     if not dirs or out is None or not str(out):
         raise UserError("pass one or more run directories and --out=FILE.png")
     runs = [read_run(d) for d in dirs]
     label_runs(runs)
-    save(runs_figure(runs), out)
+    save(runs_figure(runs), out, force)
     print(f"wrote {out}")
     return 0
 

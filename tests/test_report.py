@@ -92,6 +92,10 @@ def test_a_report_merged_into_its_own_file_keeps_its_log(tmp_path):
               "--phases=kernel_tests"]
     assert run_module("bench.report", *common).returncode == 0
     path, _ = report_json(out)
+    before = path.read_bytes()
+    refused = run_module("bench.report", *common)  # the same name again, neither merged nor forced
+    assert refused.returncode == 2 and "exists: fold this call into it with --merge=" in refused.stderr
+    assert path.read_bytes() == before
     assert run_module("bench.report", *common, f"--merge={path}").returncode == 0
     _, report = report_json(out)
     log = path.with_suffix(".log").read_text()
