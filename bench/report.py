@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 import triton
 
-from fastgpt.config import UserError, run_main
+from fastgpt.config import PRESETS, UserError, run_main
 from fastgpt.data import tiny_shakespeare
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -262,11 +262,14 @@ def merge_phase(name: str, earlier: dict | None, now: dict) -> dict:
 
 def load_merge(path: str, environment: dict) -> dict:
     try:
-        earlier = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"--merge={path}: cannot read an earlier report ({e}): pass the .json a report wrote") from None
-    if not isinstance(earlier, dict) or "phases" not in earlier:
-        raise UserError(f"--merge={path} is not a bench.report JSON (no phases in it)")
+        earlier = json.loads(Path(path).read_bytes())
+    except OSError as e:
+        raise UserError(f"--merge={path}: cannot read it ({e.strerror}): pass the .json a report wrote") from None
+    except (ValueError, RecursionError):
+        earlier = None
+    if not isinstance(earlier, dict) or not isinstance(earlier.get("phases"), dict) or not isinstance(
+            earlier.get("environment"), dict) or not isinstance(earlier.get("commands"), list):
+        raise UserError(f"--merge={path} is not a bench.report JSON: pass the .json a report wrote")
     theirs = earlier.get("environment", {})
     for key in ("device", "torch", "triton", "cuda"):
         if theirs.get(key) != environment[key]:
@@ -327,6 +330,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                               reverse=True)
     except ValueError:
         raise UserError(f"--targets takes comma-separated val losses, got {args.targets!r}") from None
+    bad = [t for t in args.targets if not 0 < t < float("inf")]
+    if bad:
+        raise UserError(f"--targets and --target_val_loss must be finite val losses above 0, got "
+                        f"{', '.join(f'{t:g}' for t in bad)}")
+    if args.max_iters < 1 or args.eval_iters < 1:
+        raise UserError(f"--max_iters and --eval_iters must be >= 1, got {args.max_iters} and {args.eval_iters}")
+    if args.preset is not None and args.preset not in PRESETS:
+        raise UserError(f"unknown --preset={args.preset}: choose one of {', '.join(PRESETS)}")
     if not (0 < args.budget_s < 7 * 86400):
         raise UserError(f"--budget_s must be a number of seconds above 0 (and below a week), got {args.budget_s:g}")
     if args.device is None:
@@ -415,9 +426,9 @@ def subprocess_env(args) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     budget = Budget(args.budget_s)
-    data_file = corpus(args)
     env_info = environment(args.device)
     earlier = load_merge(args.merge, env_info) if args.merge else None
+    data_file = corpus(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     chosen = [p for p in PHASES if p in args.phases]

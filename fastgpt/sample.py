@@ -63,8 +63,8 @@ def main(argv: list[str]) -> int:
         raise UserError("pass either --prompt or --prompt_file, not both")
     if cfg.num_samples < 1 or cfg.max_new_tokens < 0:
         raise UserError("--num_samples must be >= 1 and --max_new_tokens >= 0")
-    if not cfg.temperature > 0:
-        raise UserError(f"--temperature must be > 0, got {cfg.temperature}: use e.g. 0.8")
+    if not 0 < cfg.temperature < float("inf"):
+        raise UserError(f"--temperature must be a finite number > 0, got {cfg.temperature}: use e.g. 0.8")
     path = Path(cfg.checkpoint) if cfg.checkpoint else Path(cfg.out_dir) / "best.pt"
     model, tokenizer = model_from_checkpoint(load_checkpoint(path), path)
     if not 0 <= cfg.top_k <= tokenizer.vocab_size:

@@ -213,6 +213,8 @@ def main(argv: list[str]) -> int:
         with out_dir_lock(Path(cfg.out_dir)) if world.master else nullcontext():
             # checked after joining the job: rank 0 writes ckpt.pt only after a collective that every
             # process reaches after this check, so no process can mistake rank 0's new file for an old run
+            for stale in [t for name in RUN_FILES for t in Path(cfg.out_dir).glob(f".{name}.*.tmp")]:
+                stale.unlink(missing_ok=True)  # a write that a killed run left half done: never read
             earlier = [name for name in RUN_FILES if (Path(cfg.out_dir) / name).exists()]
             if ckpt is None and earlier and not cfg.overwrite:
                 raise UserError(f"{Path(cfg.out_dir) / earlier[0]} holds an earlier run: continue it with --resume, "

@@ -224,6 +224,12 @@ def test_report_stops_before_any_phase_when_it_cannot_get_the_corpus(tmp_path):
     (["--budget_s=0"], "--budget_s must be a number of seconds above 0 (and below a week), got 0"),
     (["--budget_s=nan"], "--budget_s must be a number of seconds above 0 (and below a week), got nan"),
     (["--targets=1.5,x"], "--targets takes comma-separated val losses, got '1.5,x'"),
+    (["--targets=nan"], "--targets and --target_val_loss must be finite val losses above 0, got nan"),
+    (["--target_val_loss=inf"], "--targets and --target_val_loss must be finite val losses above 0, got inf"),
+    (["--max_iters=-1"], "--max_iters and --eval_iters must be >= 1, got -1 and 50"),
+    (["--eval_iters=0"], "--max_iters and --eval_iters must be >= 1, got 5000 and 0"),
+    (["--preset=nope"], "unknown --preset=nope: choose one of shakespeare_char, cpu, finetune"),
+    (["--merge=/etc/passwd"], "--merge=/etc/passwd is not a bench.report JSON: pass the .json a report wrote"),
 ])
 def test_bad_flags_are_one_line(tmp_path, flags, message):
     proc = run_module("bench.report", "--device=cpu", "--budget_s=60", f"--out={tmp_path}", *flags)

@@ -133,8 +133,8 @@ def test_top_k_may_be_the_vocabulary_size(workdir, runs):
 
 BAD_INPUT_MESSAGES = {
     "unknown chars": "the prompt has characters the model's vocabulary lacks: '#' '@' 'é'; remove or replace",
-    "temperature 0": "--temperature must be > 0, got 0.0",
-    "temperature negative": "--temperature must be > 0, got -0.5",
+    "temperature 0": "--temperature must be a finite number > 0, got 0.0",
+    "temperature negative": "--temperature must be a finite number > 0, got -0.5",
     "top_k negative": "--top_k must be between 1 and the vocabulary size 65 (or 0 for no top-k), got -1",
     "top_k above vocab": "--top_k must be between 1 and the vocabulary size 65 (or 0 for no top-k), got 66",
     "prompt and prompt_file": "pass either --prompt or --prompt_file, not both",
