@@ -10,6 +10,8 @@ checkpoint the optimizer state, the train config, the iteration, the best val lo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import math
 import os
 import socket
 from collections.abc import Iterator
@@ -92,7 +94,71 @@ def load_checkpoint(path: str | Path) -> dict:
     if ckpt.get("version") != VERSION:
         raise UserError(f"{path} is a version {ckpt.get('version')} checkpoint; this fastgpt reads "
                         f"version {VERSION}: use a matching fastgpt")
+    check_contents(ckpt, path)
     return ckpt
+
+
+def field_type_ok(value: object, annotation: str) -> bool:
+    """Whether a stored config value is of its field's annotated type ("int", "float | None", ...): an int
+    where a float belongs is fine, a float must be finite."""
+    allowed = {part.strip() for part in str(annotation).split("|")}
+    if value is None:
+        return "None" in allowed
+    if type(value) is bool:
+        return "bool" in allowed
+    if type(value) is int:
+        return "int" in allowed or "float" in allowed
+    if type(value) is float:
+        return "float" in allowed and math.isfinite(value)
+    return type(value) is str and "str" in allowed
+
+
+def check_config(stored: object, cls, path: Path, what: str) -> None:
+    """A stored dataclass config (model_config, train_config): a dict of the class' own fields, each of
+    its field's type (missing fields take their defaults: older checkpoints lack newer ones)."""
+    if not isinstance(stored, dict):
+        raise UserError(f"{path} is damaged (its {what} is not a mapping): use another checkpoint")
+    types = {f.name: f.type for f in dataclasses.fields(cls)}
+    for name, value in stored.items():
+        if name not in types:
+            raise UserError(f"{path}'s {what} has a setting this fastgpt does not know ({name}), so it does not fit "
+                            f"this fastgpt: use the fastgpt that wrote it")
+        if not field_type_ok(value, types[name]):
+            raise UserError(f"{path} is damaged ({what} {name}={value!r:.40} has the wrong type): use another "
+                            f"checkpoint")
+
+
+def check_contents(ckpt: dict, path: Path) -> None:
+    """What a checkpoint holds, checked when it is read, before anything is built from it: its model
+    config (types and ranges), its train config's types, its tokenizer (and that the model has a row for
+    every token), and its weights (floating-point, finite)."""
+    from fastgpt.config import TrainConfig
+    from fastgpt.model import MODELS
+
+    if "model_config" in ckpt:
+        check_config(ckpt["model_config"], GPTConfig, path, "model_config")
+        config = GPTConfig(**ckpt["model_config"])
+        sizes = (config.vocab_size, config.block_size, config.n_layer, config.n_head, config.n_embd)
+        if min(sizes) < 1 or config.n_embd % config.n_head or not 0 <= config.dropout < 1 or (
+                config.attn_window is not None and config.attn_window < 1) or config.model not in MODELS:
+            raise UserError(f"{path} is damaged (its model_config describes no model: {ckpt['model_config']}): "
+                            f"use another checkpoint")
+        state = tokenizer_state(ckpt) if "tokenizer" in ckpt or "vocab" in ckpt else None
+        if state is not None and not (isinstance(state, dict) and state.get("kind") == "gpt2"):  # GPT-2's: loaded
+            tokens = from_state(state).vocab_size  # when used (tiktoken may have to fetch it)
+            if tokens != config.vocab_size:
+                raise UserError(f"{path} is inconsistent: vocabulary of {tokens} tokens for a model with "
+                                f"vocab_size {config.vocab_size}: use another checkpoint")
+    if "train_config" in ckpt:
+        check_config(ckpt["train_config"], TrainConfig, path, "train_config")
+    weights = ckpt.get("model")
+    if weights is not None:
+        if not isinstance(weights, dict) or not all(
+                isinstance(t, torch.Tensor) and t.is_floating_point() for t in weights.values()):
+            raise UserError(f"{path} is damaged (its weights are not floating-point tensors): use another checkpoint")
+        bad = next((name for name, t in weights.items() if not torch.isfinite(t).all()), None)
+        if bad is not None:
+            raise UserError(f"{path} is damaged ({bad} holds non-finite values): use another checkpoint")
 
 
 def require(ckpt: dict, path: str | Path, purpose: str, keys: tuple[str, ...]) -> dict:

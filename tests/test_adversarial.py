@@ -400,3 +400,50 @@ def test_a_full_disk_stops_the_run_in_one_line_and_keeps_the_last_checkpoint(sma
     (line,) = result.stderr.strip().splitlines()
     assert "could not write" in line and "the previous checkpoint is intact" in line
     assert (out / "ckpt.pt").read_bytes() == before and not list(out.glob(".ckpt.pt.*"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# checkpoints that load but describe no model: every command that reads one refuses it the same way
+
+
+CONTENT_DAMAGES = {
+    "model_config a string field": lambda c: c["model_config"].update(n_layer="x"),
+    "model_config negative heads": lambda c: c["model_config"].update(n_head=-1),
+    "model_config unknown field": lambda c: c["model_config"].update(foo=1),
+    "model_config not a mapping": lambda c: c.update(model_config=None),
+    "model_config huge vocabulary": lambda c: c["model_config"].update(vocab_size=10**12),
+    "model_config unknown model": lambda c: c["model_config"].update(model="transformer-xl"),
+    "NaN weights": lambda c: next(iter(c["model"].values())).fill_(float("nan")),
+    "weights not tensors": lambda c: c["model"].update({next(iter(c["model"])): [1.0]}),
+    "tokenizer vocabulary not text": lambda c: c.update(tokenizer={"kind": "char", "vocab": 5}),
+    "tokenizer of an unknown kind": lambda c: c.update(tokenizer={"kind": "zzz"}),
+    "train_config of the wrong type": lambda c: c.get("train_config", {}).update(batch_size="x"),
+    "train_config NaN": lambda c: c.get("train_config", {}).update(learning_rate=float("nan")),
+}
+
+
+@pytest.mark.parametrize("command", ["sample", "resume", "export", "init_from"])
+@pytest.mark.parametrize("name", list(CONTENT_DAMAGES))
+def test_a_checkpoint_describing_no_model_is_refused_by_every_command(trained, small_corpus, tmp_path, name, command):
+    from fastgpt import sample
+
+    if command in ("sample", "export", "init_from") and name.startswith("train_config"):
+        pytest.skip("best.pt holds no train config")
+    for which in ("ckpt.pt", "best.pt"):
+        ckpt = load_checkpoint(trained / which)
+        CONTENT_DAMAGES[name](ckpt)
+        save_checkpoint(trained / which, {k: v for k, v in ckpt.items() if k not in ("format", "version")})
+    before = (trained / "ckpt.pt").read_bytes()
+    runs = {
+        "sample": lambda: sample.main([f"--out_dir={trained}", "--max_new_tokens=2"]),
+        "resume": lambda: resume(trained, small_corpus, tmp_path),
+        "export": lambda: export.main([f"--checkpoint={trained / 'best.pt'}", "--format=nanogpt",
+                                       f"--out={tmp_path / 'x'}"]),
+        "init_from": lambda: train.main([f"--data_file={small_corpus}", f"--data_dir={tmp_path}",
+                                         f"--init_from={trained / 'best.pt'}", f"--out_dir={tmp_path / 'ft'}",
+                                         "--max_iters=1"]),
+    }
+    with pytest.raises(UserError) as refused:
+        runs[command]()
+    assert "\n" not in str(refused.value) and "checkpoint" in str(refused.value) or "fastgpt" in str(refused.value)
+    assert (trained / "ckpt.pt").read_bytes() == before and not (tmp_path / "x" / "ckpt.pt").exists()
