@@ -58,10 +58,8 @@ class LayerNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.layer_norm(x, self.weight, self.bias, 1e-5)
 
-    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(h, layer_norm(h)) for h = x + residual, in one pass over the residual stream."""
-        if residual is None:
-            return x, self(x)
         return kernels.add_layer_norm(x, residual, self.weight, self.bias, 1e-5)
 
 
@@ -134,15 +132,11 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, branch: torch.Tensor | None, cache: KVCache | None = None,
-                pos: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """nanoGPT's `x = x + attn(ln_1(x)); x = x + mlp(ln_2(x))`, with each residual add done by the
-        LayerNorm that reads its result (one pass over the stream instead of two). The block takes the
-        stream x plus the previous block's MLP output `branch`, not yet added (None in the first block),
-        and returns the stream and its own MLP output, likewise not yet added."""
-        x, h = self.ln_1.add_and_norm(x, branch)  # x += branch
-        x, h = self.ln_2.add_and_norm(x, self.attn(h, cache, pos))  # x += attn(ln_1(x))
-        return x, self.mlp(h)
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, pos: int = 0) -> torch.Tensor:
+        """nanoGPT's `x = x + attn(ln_1(x)); x = x + mlp(ln_2(x))`, the first residual add done by the
+        LayerNorm that reads its result (one pass over the stream instead of two)."""
+        x, h = self.ln_2.add_and_norm(x, self.attn(self.ln_1(x), cache, pos))  # x += attn(ln_1(x)); h = ln_2(x)
+        return x + self.mlp(h)
 
 
 class LanguageModel(nn.Module):
@@ -326,11 +320,9 @@ class GPT(LanguageModel):
     def logits(self, idx: torch.Tensor, cache: list[KVCache] | None, pos: int) -> torch.Tensor:
         positions = torch.arange(pos, pos + idx.size(1), dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))  # (B, T, C)
-        branch = None  # each block's MLP output, added to x by the next LayerNorm
         for i, block in enumerate(self.transformer.h):
-            x, branch = block(x, branch, None if cache is None else cache[i], pos)
-        _, x = self.transformer.ln_f.add_and_norm(x, branch)
-        return self.lm_head(x)  # (B, T, vocab_size)
+            x = block(x, None if cache is None else cache[i], pos)
+        return self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab_size)
 
 
 def build_model(config: GPTConfig) -> LanguageModel:
