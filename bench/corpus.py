@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from fastgpt import data
-from fastgpt.config import UserError, run_main
+from fastgpt.cli import UserError, run_main
 from fastgpt.data import TINY_SHAKESPEARE_SHA256, atomic_write
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -48,7 +48,9 @@ from pathlib import Path
 import torch
 import triton
 
-from fastgpt.config import PRESETS, UserError, run_main
+from fastgpt.config import PRESETS
+
+from fastgpt.cli import UserError, run_main
 from fastgpt.data import tiny_shakespeare
 
 ROOT = Path(__file__).resolve().parent.parent

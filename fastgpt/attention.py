@@ -17,7 +17,7 @@ import torch
 
 from fastgpt import kernels
 from fastgpt.checkpoint import load_checkpoint, model_from_checkpoint
-from fastgpt.config import UserError, format_help, parse_flags, run_main
+from fastgpt.cli import UserError, parse_command, run_main
 from fastgpt.model import CausalSelfAttention
 from fastgpt.plot import require_matplotlib, save
 from fastgpt.tokenizer import check_prompt
@@ -89,10 +89,8 @@ def attention_figure(maps: list[torch.Tensor], labels: list[str], title: str):
 
 
 def main(argv: list[str]) -> int:
-    if "--help" in argv or "-h" in argv:
-        print(format_help(AttentionConfig, "fastgpt.attention", AttentionConfig(), __doc__.strip().splitlines()[0]))
-        return 0
-    cfg, _ = parse_flags(AttentionConfig, argv, AttentionConfig())
+    cfg, _ = parse_command(AttentionConfig, argv, AttentionConfig(), "fastgpt.attention",
+                           __doc__.strip().splitlines()[0])
     require_matplotlib()
     path = Path(cfg.checkpoint)
     model, tokenizer = model_from_checkpoint(load_checkpoint(path), path)

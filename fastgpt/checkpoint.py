@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from fastgpt.config import UserError
+from fastgpt.cli import UserError
 from fastgpt.data import atomic_write
 from fastgpt.memory import check_model
 from fastgpt.model import GPTConfig, LanguageModel, build_model

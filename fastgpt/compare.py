@@ -20,7 +20,8 @@ import torch
 
 from fastgpt import train
 from fastgpt.checkpoint import load_checkpoint, model_from_checkpoint
-from fastgpt.config import PRESETS, TrainConfig, UserError, format_help, parse_train_args, run_main
+from fastgpt.config import PRESETS, TrainConfig, parse_train_args
+from fastgpt.cli import ShowHelp, UserError, format_help, run_main
 from fastgpt.data import atomic_write
 from fastgpt.tokenizer import default_prompt
 from fastgpt.model import MODELS
@@ -61,11 +62,10 @@ def markdown(rows: list[dict]) -> str:
 def main(argv: list[str]) -> int:
     if "--help" in argv or "-h" in argv:
         preset = "shakespeare_char" if torch.cuda.is_available() else "cpu"
-        print(__doc__.strip() + "\n")
         defaults = dataclasses.replace(PRESETS[preset], out_dir=DEFAULT_OUT_DIR)
-        print(format_help(TrainConfig, "fastgpt.compare", defaults,
-                          f"  --preset NAME  one of {', '.join(PRESETS)}; defaults below are {preset}'s"))
-        return 0
+        raise ShowHelp(__doc__.strip() + "\n\n" + format_help(
+            TrainConfig, "fastgpt.compare", defaults,
+            f"  --preset NAME  one of {', '.join(PRESETS)}; defaults below are {preset}'s"))
     cfg, given = parse_train_args(argv, torch.cuda.is_available())
     if "model" in given or cfg.resume or cfg.init_from:
         raise UserError("compare trains every --model itself and starts fresh: drop --model, --resume "

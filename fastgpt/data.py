@@ -41,9 +41,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastgpt.config import UserError
-from fastgpt.tokenizer import (  # noqa: F401 (CharTokenizer and default_prompt lived here: imported from here)
-    KINDS, BPETokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer, default_prompt, from_state, split_safely)
+from fastgpt.cli import UserError
+from fastgpt.tokenizer import KINDS, BPETokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer, from_state, split_safely
 
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"

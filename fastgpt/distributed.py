@@ -14,7 +14,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from fastgpt.config import UserError
+from fastgpt.cli import UserError
 
 # how long a collective may wait for a peer before the job fails rather than hangs
 TIMEOUT = timedelta(minutes=5)

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from fastgpt.checkpoint import LOCK_FILE, load_checkpoint, model_from_checkpoint, out_dir_lock, require, save_checkpoint
-from fastgpt.config import UserError, format_help, parse_flags, run_main
+from fastgpt.cli import UserError, parse_command, run_main
 from fastgpt.data import atomic_write
 from fastgpt.model import GPTConfig, build_model
 from fastgpt.tokenizer import CharTokenizer, GPT2Tokenizer
@@ -205,10 +205,7 @@ def from_nanogpt(ckpt: dict, path: Path, meta_path: Path | None) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    if "--help" in argv or "-h" in argv:
-        print(format_help(ExportConfig, "fastgpt.export", ExportConfig(), __doc__.strip().splitlines()[0]))
-        return 0
-    cfg, _ = parse_flags(ExportConfig, argv, ExportConfig())
+    cfg, _ = parse_command(ExportConfig, argv, ExportConfig(), "fastgpt.export", __doc__.strip().splitlines()[0])
     if cfg.format not in FORMATS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {cfg.format!r}")
     if not cfg.checkpoint or not cfg.out:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from fastgpt.config import UserError
+from fastgpt.cli import UserError
 from fastgpt.tokenizer import BPETokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer
 
 EXTRA = "hf"

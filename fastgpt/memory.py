@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from fastgpt.config import UserError
+from fastgpt.cli import UserError
 from fastgpt.model import GPTConfig
 
 FLOAT = 4  # bytes: weights and activations are counted in fp32, the widest the trainer uses

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from fastgpt.config import UserError, run_main
+from fastgpt.cli import ShowHelp, UserError, run_main
 from fastgpt.data import atomic_write
 
 EXTRA = "plot"
@@ -151,9 +151,10 @@ def save(fig, out: Path, force: bool) -> None:
 
 
 def main(argv: list[str]) -> int:
-    if "--help" in argv or "-h" in argv or not argv:
-        print(__doc__.strip())
-        return 0 if argv else 2
+    if "--help" in argv or "-h" in argv:
+        raise ShowHelp(__doc__.strip())
+    if not argv:
+        raise UserError("pass one or more run directories and --out=FILE.png (see --help)")
     dirs, out, force = [], None, False
     for arg in argv:
         if arg.startswith("--out="):

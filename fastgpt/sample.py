@@ -13,7 +13,7 @@ import torch
 
 from fastgpt import kernels, memory
 from fastgpt.checkpoint import load_checkpoint, model_from_checkpoint
-from fastgpt.config import UserError, format_help, parse_flags, run_main
+from fastgpt.cli import UserError, parse_command, run_main
 from fastgpt.data import read_text_file
 from fastgpt.distributed import resolve_device
 from fastgpt.model import LanguageModel
@@ -55,10 +55,7 @@ def complete(model: LanguageModel, tokenizer: Tokenizer, prompt: str, max_new_to
 
 
 def main(argv: list[str]) -> int:
-    if "--help" in argv or "-h" in argv:
-        print(format_help(SampleConfig, "fastgpt.sample", SampleConfig()))
-        return 0
-    cfg, given = parse_flags(SampleConfig, argv, SampleConfig())
+    cfg, given = parse_command(SampleConfig, argv, SampleConfig(), "fastgpt.sample")
     if "prompt" in given and cfg.prompt_file:
         raise UserError("pass either --prompt or --prompt_file, not both")
     if cfg.num_samples < 1 or cfg.max_new_tokens < 0:

@@ -18,7 +18,9 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
-from fastgpt.config import TOKENIZERS, UserError
+from fastgpt.config import TOKENIZERS
+
+from fastgpt.cli import UserError
 
 KINDS = TOKENIZERS  # the --tokenizer values
 

@@ -13,7 +13,6 @@ import dataclasses
 import json
 import math
 import signal
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -25,7 +24,8 @@ from fastgpt import kernels
 from fastgpt import distributed, memory
 from fastgpt.checkpoint import (check_resumable_state, load_checkpoint, load_weights, out_dir_lock, require,
                                 save_checkpoint, tokenizer_state)
-from fastgpt.config import ARCHITECTURE_FIELDS, TrainConfig, UserError, make_log, parse_train_args, run_main
+from fastgpt.config import ARCHITECTURE_FIELDS, TrainConfig, parse_train_args
+from fastgpt.cli import CommandFailed, UserError, make_log, run_main
 from fastgpt.data import Batches, Corpus, atomic_write, load_corpus
 from fastgpt.distributed import World
 from fastgpt.model import GPTConfig, build_model
@@ -604,11 +604,10 @@ def save(run: Run, full: bool) -> None:
 def check_finite(run: Run, since: int) -> None:
     """Stop (exit 1, the last good checkpoint untouched) if a step since `since` was not finite."""
     if run.world.any(run.nonfinite):
-        if run.world.master:
-            print(f"fastgpt.train: error: loss or gradient norm became non-finite between iter {since} and "
-                  f"{run.iter_num}; stopped without saving (last good checkpoint: {run.ckpt_path}): lower "
-                  f"--learning_rate or enable --grad_clip", file=sys.stderr)
-        sys.exit(1)
+        raise CommandFailed(  # said once, by rank 0
+            f"loss or gradient norm became non-finite between iter {since} and {run.iter_num}; stopped without "
+            f"saving (last good checkpoint: {run.ckpt_path}): lower --learning_rate or enable --grad_clip"
+            if run.world.master else "")
 
 
 def evaluate_and_save(run: Run) -> bool:

@@ -17,7 +17,7 @@ import torch
 
 from fastgpt import export, train
 from fastgpt.checkpoint import load_checkpoint, out_dir_lock, save_checkpoint
-from fastgpt.config import UserError
+from fastgpt.cli import UserError
 
 from conftest import ROOT, tiny_flags
 
@@ -352,7 +352,7 @@ if len(sys.argv) > 1 and sys.argv[1].startswith("--fsize="):
     limit = int(sys.argv.pop(1).partition("=")[2])
     resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 from fastgpt import train
-from fastgpt.config import run_main
+from fastgpt.cli import run_main
 run_main(train.main, "fastgpt.train")
 """
 

@@ -8,7 +8,9 @@ import dataclasses
 import pytest
 import torch
 
-from fastgpt.config import PRESETS, TrainConfig, UserError, parse_flags, parse_train_args
+from fastgpt.config import PRESETS, TrainConfig, parse_train_args
+
+from fastgpt.cli import UserError, parse_flags
 
 
 def parse(*argv: str, cuda: bool = False) -> TrainConfig:
@@ -219,3 +221,10 @@ def test_train_cli_help_lists_every_field_with_its_default(cli):
         matching = [line for line in lines if line.split()[:1] == [flag]]
         assert len(matching) == 1, f"{flag} not listed once in --help"
         assert matching[0].endswith(f"(default: {getattr(defaults, field.name)!r})")
+
+
+@pytest.mark.parametrize("module", ["fastgpt.train", "fastgpt.sample", "fastgpt.export", "fastgpt.attention",
+                                    "fastgpt.compare", "fastgpt.plot"])
+def test_every_entry_point_shows_help_through_one_parser(module, cli):
+    result = cli(module, "--help")
+    assert result.returncode == 0 and result.stderr == "" and f"python -m {module}" in result.stdout

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from fastgpt import data
-from fastgpt.config import UserError
+from fastgpt.cli import UserError
 from fastgpt.data import Batches, load_corpus
 from fastgpt.tokenizer import BPETokenizer
 

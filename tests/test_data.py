@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from fastgpt.config import UserError
-from fastgpt.data import Batches, CharTokenizer, load_corpus, tiny_shakespeare
+from fastgpt.cli import UserError
+from fastgpt.data import Batches, load_corpus, tiny_shakespeare
+from fastgpt.tokenizer import CharTokenizer
 
 CPU = torch.device("cpu")
 

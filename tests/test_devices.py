@@ -11,7 +11,8 @@ import torch
 
 from fastgpt import kernels
 from fastgpt import distributed, model, train
-from fastgpt.config import UserError, parse_train_args
+from fastgpt.config import parse_train_args
+from fastgpt.cli import UserError
 from fastgpt.model import GPTConfig, build_model
 
 

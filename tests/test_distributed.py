@@ -118,7 +118,7 @@ FAILING_RANK = """
 import os
 import fastgpt.data
 from fastgpt import train
-from fastgpt.config import run_main
+from fastgpt.cli import run_main
 
 if os.environ["RANK"] == "1":  # rank 1 dies a few batches in, while rank 0 waits in a collective
     original, calls = fastgpt.data.Batches.next, [0]

@@ -18,7 +18,7 @@ import torch
 from conftest import one_line_error, tiny_flags
 from fastgpt import export, sample, train
 from fastgpt.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from fastgpt.config import UserError
+from fastgpt.cli import UserError
 from fastgpt.model import GPTConfig, build_model
 from fastgpt.tokenizer import BPETokenizer, CharTokenizer, GPT2Tokenizer
 

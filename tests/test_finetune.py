@@ -10,7 +10,8 @@ from conftest import tiny_flags
 
 from fastgpt import sample, train
 from fastgpt.checkpoint import load_checkpoint, model_from_checkpoint
-from fastgpt.config import UserError, parse_train_args
+from fastgpt.config import parse_train_args
+from fastgpt.cli import UserError
 
 TINY = tiny_flags(batch_size=8, eval_iters=4, log_interval=10, learning_rate=1e-2, warmup_iters=0)
 

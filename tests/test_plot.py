@@ -12,7 +12,7 @@ import torch
 from conftest import one_line_error, tiny_flags
 from fastgpt import attention, compare, plot, train
 from fastgpt.checkpoint import load_checkpoint, model_from_checkpoint
-from fastgpt.config import UserError
+from fastgpt.cli import UserError
 
 pytest.importorskip("matplotlib")
 

@@ -11,7 +11,8 @@ import torch
 
 from fastgpt import compare, sample, train
 from fastgpt.checkpoint import load_checkpoint, save_checkpoint
-from fastgpt.config import UserError, parse_train_args
+from fastgpt.config import parse_train_args
+from fastgpt.cli import UserError
 
 from conftest import ROOT, one_line_error, tiny_flags
 

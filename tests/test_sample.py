@@ -20,7 +20,7 @@ from conftest import run_module, tiny_flags
 
 pytestmark = pytest.mark.slow  # a model trained for them and a subprocess per command: the full tier
 from fastgpt.checkpoint import load_checkpoint
-from fastgpt.config import run_main
+from fastgpt.cli import run_main
 from fastgpt.sample import main
 
 # one thread per process: the tiny model gains nothing from more, and the runs go in parallel

@@ -10,7 +10,7 @@ import pytest
 from conftest import one_line_error
 
 from fastgpt import tokenizer as tk
-from fastgpt.config import UserError
+from fastgpt.cli import UserError
 from fastgpt.tokenizer import BPETokenizer, CharTokenizer, from_state, pieces, split_safely
 
 pytest.importorskip("tokenizers")

@@ -12,7 +12,7 @@ import torch
 from conftest import one_line_error, tiny_flags
 from fastgpt import sample, train
 from fastgpt.checkpoint import load_checkpoint, model_from_checkpoint
-from fastgpt.config import UserError
+from fastgpt.cli import UserError
 from fastgpt.model import GPTConfig, build_model
 
 pytest.importorskip("tokenizers")
