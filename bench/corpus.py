@@ -30,7 +30,8 @@ from pathlib import Path
 
 from fastgpt import data
 from fastgpt.cli import UserError, run_main
-from fastgpt.data import TINY_SHAKESPEARE_SHA256, atomic_write
+from fastgpt.data import TINY_SHAKESPEARE_SHA256
+from fastgpt.files import atomic_write
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -25,7 +25,8 @@ from bench.common import CUDA, DEVICE, environment, needs_gpu, run_benchmark
 from fastgpt.config import PRESETS
 from fastgpt.data import Batches
 from fastgpt.model import build_model
-from fastgpt.train import peak_flops, train_step
+from fastgpt.train import train_step
+from fastgpt.device import peak_flops
 
 VOCAB = 65  # Tiny Shakespeare's
 PRESET = "shakespeare_char" if CUDA else "cpu"

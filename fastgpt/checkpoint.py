@@ -9,61 +9,20 @@ checkpoint the optimizer state, the train config, the iteration, the best val lo
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
-import os
-import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from fastgpt.cli import UserError
-from fastgpt.data import atomic_write
+from fastgpt.files import atomic_write
 from fastgpt.memory import check_model
 from fastgpt.model import GPTConfig, LanguageModel, build_model
 from fastgpt.tokenizer import Tokenizer, from_state
 
 FORMAT = "fastgpt-checkpoint"
 VERSION = 1
-LOCK_FILE = ".lock"
-
-
-@contextlib.contextmanager
-def out_dir_lock(out_dir: Path, who: str = "fastgpt.train") -> Iterator[None]:
-    """Hold an exclusive lock on out_dir while the block runs: one run owns its out_dir. The lock is the
-    operating system's (flock on out_dir/.lock), so it goes with the process however that ends: a killed
-    run never blocks the next. A second holder is refused at once with a UserError naming the first,
-    before anything in out_dir is written."""
-    try:
-        import fcntl
-    except ImportError:  # no flock (Windows): runs are not kept apart
-        yield
-        return
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        f = open(out_dir / LOCK_FILE, "a+")  # created if missing, never truncated before the lock is ours
-    except OSError as e:
-        raise UserError(f"cannot use --out_dir={out_dir} ({e.strerror}): choose a writable directory") from None
-    with f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            raise UserError(f"--out_dir={out_dir} is in use by {holder}: wait for that run to end (or stop it), "
-                            f"or train into another --out_dir") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"{who} process {os.getpid()} on {socket.gethostname()}\n")
-        f.flush()
-        try:
-            yield
-        finally:
-            f.seek(0)
-            f.truncate()  # nobody holds it now
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def save_checkpoint(path: str | Path, payload: dict) -> None:

@@ -22,7 +22,7 @@ from fastgpt import train
 from fastgpt.checkpoint import load_checkpoint, model_from_checkpoint
 from fastgpt.config import PRESETS, TrainConfig, parse_train_args
 from fastgpt.cli import ShowHelp, UserError, format_help, run_main
-from fastgpt.data import atomic_write
+from fastgpt.files import atomic_write
 from fastgpt.tokenizer import default_prompt
 from fastgpt.model import MODELS
 from fastgpt.plot import compare_figure, read_run, save

@@ -28,10 +28,7 @@ import hashlib
 import itertools
 import json
 import mmap
-import os
 import sys
-import tempfile
-import time
 import urllib.request
 import zlib
 from collections.abc import Iterable, Iterator
@@ -42,6 +39,7 @@ import numpy as np
 import torch
 
 from fastgpt.cli import UserError
+from fastgpt.files import Progress, atomic_write, file_lock
 from fastgpt.tokenizer import KINDS, BPETokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer, from_state, split_safely
 
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -51,25 +49,6 @@ CACHE_VERSION = 4  # bump when the cached layout or the split changes (4: the de
 BPE_VERSION = 1  # bump when the BPE's training changes
 CHUNK_BYTES = 1 << 20  # text read, decoded and encoded at a time: the encoders hold up to ~40 bytes a byte
 MAP_BYTES = 1 << 26  # token files larger than this are memory-mapped, smaller ones read
-
-
-def atomic_write(path: Path, write) -> None:
-    """Write a file through `write(fileobj)` so that it appears whole or not at all: a temp file in
-    the same directory, fsync, then os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide checkpoints from other users
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def tiny_shakespeare(data_dir: str | Path, url: str = TINY_SHAKESPEARE_URL) -> Path:
@@ -92,56 +71,6 @@ def tiny_shakespeare(data_dir: str | Path, url: str = TINY_SHAKESPEARE_URL) -> P
         raise UserError(f"the download from {url} is not Tiny Shakespeare (sha256 mismatch); {fix}")
     atomic_write(path, lambda f: f.write(raw))
     return path
-
-
-@contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on `path` (created if missing), waiting for another holder: processes
-    that would build the same cache entry take turns, and the later ones find it built."""
-    try:
-        import fcntl
-    except ImportError:  # no flock (Windows): the atomic writes still keep every entry whole
-        yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-class Progress:
-    """A progress line on stderr for work that takes more than `delay` seconds: redrawn in place on a
-    terminal, a line per tenth otherwise (a log file)."""
-
-    def __init__(self, label: str, total: int, delay: float = 3.0):
-        self.label, self.total, self.delay = label, max(total, 1), delay
-        self.done, self.start, self.shown, self.last = 0, time.monotonic(), False, 0.0
-        self.tty = sys.stderr.isatty()
-
-    def update(self, n: int) -> None:
-        before, self.done = self.done, self.done + n
-        now = time.monotonic()
-        if now - self.start < self.delay:
-            return
-        tenth = self.done * 10 // self.total > before * 10 // self.total
-        if (self.tty and now - self.last >= 0.2) or (not self.tty and (tenth or not self.shown)):
-            self.last, self.shown = now, True
-            print(("\r" if self.tty else "") + self._line(now), end="" if self.tty else "\n", file=sys.stderr,
-                  flush=True)
-
-    def _line(self, now: float) -> str:
-        mb = 1e6
-        rate = self.done / mb / max(now - self.start, 1e-9)
-        return (f"{self.label}: {100 * self.done // self.total:3d}% ({self.done / mb:,.0f} of "
-                f"{self.total / mb:,.0f} MB, {rate:.1f} MB/s)")
-
-    def close(self) -> None:
-        if self.shown:
-            print(("\r" if self.tty else "") + self._line(time.monotonic()) + f" in "
-                  f"{time.monotonic() - self.start:.1f} s", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------

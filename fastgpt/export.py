@@ -26,9 +26,10 @@ from pathlib import Path
 
 import torch
 
-from fastgpt.checkpoint import LOCK_FILE, load_checkpoint, model_from_checkpoint, out_dir_lock, require, save_checkpoint
+from fastgpt.checkpoint import load_checkpoint, model_from_checkpoint, require, save_checkpoint
+
+from fastgpt.files import LOCK_FILE, atomic_write, out_dir_lock
 from fastgpt.cli import UserError, parse_command, run_main
-from fastgpt.data import atomic_write
 from fastgpt.model import GPTConfig, build_model
 from fastgpt.tokenizer import CharTokenizer, GPT2Tokenizer
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from fastgpt.cli import ShowHelp, UserError, run_main
-from fastgpt.data import atomic_write
+from fastgpt.files import atomic_write
 
 EXTRA = "plot"
 # settings that tell runs apart in a legend, in this order; others (paths, intervals) do not

@@ -8,7 +8,6 @@ recipe elsewhere. `--help` lists every flag with its default. Under torchrun it 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import json
 import math
@@ -22,56 +21,20 @@ import torch
 
 from fastgpt import kernels
 from fastgpt import distributed, memory
-from fastgpt.checkpoint import (check_resumable_state, load_checkpoint, load_weights, out_dir_lock, require,
-                                save_checkpoint, tokenizer_state)
-from fastgpt.config import ARCHITECTURE_FIELDS, TrainConfig, parse_train_args
+from fastgpt.checkpoint import (check_resumable_state, load_checkpoint, load_weights, require, save_checkpoint,
+                                tokenizer_state)
 from fastgpt.cli import CommandFailed, UserError, make_log, run_main
-from fastgpt.data import Batches, Corpus, atomic_write, load_corpus
+from fastgpt.config import ARCHITECTURE_FIELDS, TrainConfig, parse_train_args
+from fastgpt.data import Batches, Corpus, load_corpus
+from fastgpt.device import (device_rng_state, keep_freed_memory, peak_flops, resolve_dtype, set_device_rng_state,
+                            synchronize)
+from fastgpt.files import atomic_write, out_dir_lock
 from fastgpt.distributed import World
 from fastgpt.model import GPTConfig, build_model
 from fastgpt.sample import complete
 from fastgpt.tokenizer import default_prompt
 
 MAX_BIGRAM_VOCAB = 8192  # the bigram model's table is vocab x vocab
-
-# dense 16-bit tensor-core peaks in FLOP/s (bf16; fp16 on the T4 and V100, which have no bf16), matched in
-# this order against torch.cuda.get_device_name() (the first key found in the name wins, so "H100 NVL"
-# before "H100" and "L40S", "L40" before "L4")
-PEAK_BF16_FLOPS = {
-    "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12, "H200 NVL": 835e12, "H200": 989e12,
-    "A100": 312e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12, "A10G": 70e12, "A10": 125e12,
-    "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12,
-}
-
-
-def peak_flops(device: torch.device, dtype: str = "bfloat16") -> float | None:
-    """The device's dense peak for the run's matmuls: bf16, or TF32 (half of it on these GPUs) for float32
-    runs, which the trainer lets use TF32. None off CUDA or for a GPU not in the table."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    peak = next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
-    return peak / 2 if peak is not None and dtype == "float32" else peak
-
-
-def keep_freed_memory() -> bool:
-    """Have glibc keep freed memory for reuse instead of returning it to the OS (CPU training only; CUDA
-    has its own caching allocator). By default blocks over 128 KiB are mmap'ed and unmapped on free, and
-    the heap top is trimmed, so every step's activations come back as fresh pages that the kernel must
-    fault in and zero: about 1,000 page faults and several ms of system time per step of the cpu preset.
-    With the thresholds raised, a step reuses the previous step's memory. Returns whether glibc took both
-    settings (False on other C libraries)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt parameters, <malloc.h>
-    # 32 MiB is the largest mmap threshold every glibc accepts (older ones refuse more than half of a
-    # 64 MiB heap); blocks above it, rare on a CPU, are still mmap'ed
-    mmap_set = libc.mallopt(m_mmap_threshold, 32 << 20)
-    trim_set = libc.mallopt(m_trim_threshold, 1 << 30)
-    return bool(mmap_set and trim_set)
-
 
 def get_lr(cfg: TrainConfig, it: int) -> float:
     """Linear warmup, then cosine decay to min_lr at lr_decay_iters, then min_lr (nanoGPT's schedule)."""
@@ -117,19 +80,6 @@ def kept_record(line: str, iter_num: int) -> bool:
         return json.loads(line)["iter"] <= iter_num
     except (ValueError, KeyError, TypeError):
         return False
-
-
-def resolve_dtype(flag: str, device: torch.device) -> str:
-    """The run's compute dtype: `auto` is bf16 autocast on a CUDA GPU that has bf16, fp16 autocast with a
-    loss scaler on one without (a T4, a V100), float32 elsewhere (nanoGPT's rule)."""
-    if flag != "auto":
-        if flag == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise UserError(f"--dtype=bfloat16 but {torch.cuda.get_device_name(device)} has no bf16: use "
-                            f"--dtype=float16 (or auto, which picks it)")
-        return flag
-    if device.type == "cuda":
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    return "float32"
 
 
 def train_step(model, optimizer, batches: Batches, micro_steps: int, grad_clip: float,
@@ -488,32 +438,6 @@ def announce(run: Run) -> None:
     run.log(f"device {run.device}{f' x {world.size} processes' if world.size > 1 else ''}, {run.dtype}, compile "
             f"{'on' if run.use_compile else 'off'}, kernels {'reference' if cfg.reference else 'auto'}, {batch}, "
             f"{run.tokens_per_iter:,} tokens/iter" + (f", resuming at iter {run.iter_num}" if run.resumed else ""))
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
-def device_rng_state(device: torch.device) -> torch.Tensor | None:
-    """The RNG state of the device's own generator (dropout draws from it): CUDA's or MPS's; None on the CPU,
-    whose state is torch.get_rng_state()."""
-    if device.type == "cuda":
-        return torch.cuda.get_rng_state(device)
-    if device.type == "mps":
-        return torch.mps.get_rng_state()
-    return None
-
-
-def set_device_rng_state(device: torch.device, state: torch.Tensor | None) -> None:
-    if state is None:
-        return
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(state, device)
-    elif device.type == "mps":
-        torch.mps.set_rng_state(state)
 
 
 @contextlib.contextmanager

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from fastgpt import export, train
-from fastgpt.checkpoint import load_checkpoint, out_dir_lock, save_checkpoint
+from fastgpt.checkpoint import load_checkpoint, save_checkpoint
+from fastgpt.files import out_dir_lock
 from fastgpt.cli import UserError
 
 from conftest import ROOT, tiny_flags

@@ -12,6 +12,7 @@ import torch
 from fastgpt import kernels
 from fastgpt import distributed, model, train
 from fastgpt.config import parse_train_args
+from fastgpt.device import resolve_dtype
 from fastgpt.cli import UserError
 from fastgpt.model import GPTConfig, build_model
 
@@ -30,7 +31,7 @@ def test_auto_picks_cuda_then_mps_then_the_cpu(machine, cuda, mps, expected):
     machine(cuda=cuda, mps=mps)
     assert distributed.resolve_device("auto").type == expected
     if expected != "cuda":  # (CUDA's pick between bf16 and fp16: tests/test_train.py)
-        assert train.resolve_dtype("auto", torch.device(expected)) == "float32"
+        assert resolve_dtype("auto", torch.device(expected)) == "float32"
 
 
 def test_mps_asked_for_and_absent_is_one_line(machine):
@@ -44,7 +45,7 @@ def test_mps_is_a_device_flag_and_trains_in_float32_without_compile(machine):
     machine(cuda=False, mps=True)
     cfg, _ = parse_train_args(["--device=mps"], cuda_available=False)
     assert cfg.device == "mps" and cfg.compile is None  # resolved per device: eager off CUDA
-    assert train.resolve_dtype(cfg.dtype, torch.device("mps")) == "float32"
+    assert resolve_dtype(cfg.dtype, torch.device("mps")) == "float32"
     with pytest.raises(UserError, match="--device must be auto, cpu, mps, cuda or cuda:N, got 'metal'"):
         parse_train_args(["--device=metal"], cuda_available=False)
 

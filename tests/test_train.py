@@ -15,6 +15,7 @@ from fastgpt import train
 from fastgpt.checkpoint import load_checkpoint
 from fastgpt.cli import CommandFailed, UserError
 from fastgpt.config import PRESETS
+from fastgpt.device import peak_flops, resolve_dtype
 
 from conftest import ROOT, tiny_flags
 
@@ -92,15 +93,15 @@ def test_fp16_steps_the_scaler_skips_are_counted_not_a_divergence(small_corpus, 
 
 def test_dtype_auto_picks_per_device(monkeypatch):
     cpu = torch.device("cpu")
-    assert train.resolve_dtype("auto", cpu) == "float32" and train.resolve_dtype("float16", cpu) == "float16"
+    assert resolve_dtype("auto", cpu) == "float32" and resolve_dtype("float16", cpu) == "float16"
     cuda = torch.device("cuda", 0)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla T4")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    assert train.resolve_dtype("auto", cuda) == "float16"  # nanoGPT's rule: fp16 with a scaler
+    assert resolve_dtype("auto", cuda) == "float16"  # nanoGPT's rule: fp16 with a scaler
     with pytest.raises(UserError, match="--dtype=bfloat16 but Tesla T4 has no bf16: use --dtype=float16"):
-        train.resolve_dtype("bfloat16", cuda)
+        resolve_dtype("bfloat16", cuda)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert train.resolve_dtype("auto", cuda) == "bfloat16" and train.resolve_dtype("float32", cuda) == "float32"
+    assert resolve_dtype("auto", cuda) == "bfloat16" and resolve_dtype("float32", cuda) == "float32"
 
 
 def test_gradient_accumulation_matches_a_bigger_batch(small_corpus, tmp_path):
@@ -288,7 +289,7 @@ def test_cuda_trains_compiled_on_the_kernels_in_bf16_and_reports_mfu(small_corpu
     steps, evals = read_metrics(out)
     assert evals[40] < evals[0] - 0.5
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    peak = train.peak_flops(torch.device("cuda"))
+    peak = peak_flops(torch.device("cuda"))
     assert all((r["mfu"] is not None) == (peak is not None) for r in records if "loss" in r)
     assert records[-1]["summary"] and records[-1]["compile_seconds"] > 0
 
@@ -299,8 +300,9 @@ from contextlib import nullcontext
 import numpy as np, torch
 from fastgpt import train
 from fastgpt.data import Batches
+from fastgpt.device import keep_freed_memory
 from fastgpt.model import GPTConfig, build_model
-if sys.argv[1] == "keep" and not train.keep_freed_memory():
+if sys.argv[1] == "keep" and not keep_freed_memory():
     sys.exit(3)
 torch.manual_seed(0)
 tokens = np.random.default_rng(0).integers(0, 65, 100_000, dtype=np.uint8)
@@ -338,5 +340,5 @@ def test_cpu_training_reuses_freed_memory_instead_of_faulting_in_fresh_pages():
 ])
 def test_mfu_peak_matches_the_device_name(monkeypatch, name, dtype, peak):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
-    assert train.peak_flops(torch.device("cuda"), dtype) == peak
-    assert train.peak_flops(torch.device("cpu"), dtype) is None
+    assert peak_flops(torch.device("cuda"), dtype) == peak
+    assert peak_flops(torch.device("cpu"), dtype) is None
