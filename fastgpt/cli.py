@@ -13,6 +13,7 @@ import difflib
 import inspect
 import os
 import re
+import signal
 import sys
 import types
 import typing
@@ -176,3 +177,28 @@ def parse_flags(cls: type, argv: Sequence[str], defaults: object) -> tuple[objec
             text = args.pop(0)
         values[name] = _convert(name, text, hints[name])
     return dataclasses.replace(defaults, **values), set(values)
+
+
+class StopRequest:
+    """Turns SIGINT/SIGTERM into a flag read at step boundaries; a second signal aborts at once."""
+
+    def __init__(self, log):
+        self.signum: int | None = None
+        self.log = log
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        self.log(f"\n{signal.Signals(signum).name}: saving a checkpoint at the end of this step "
+                 f"(signal again to abort without saving)")

@@ -86,3 +86,12 @@ def set_device_rng_state(device: torch.device, state: torch.Tensor | None) -> No
         torch.cuda.set_rng_state(state, device)
     elif device.type == "mps":
         torch.mps.set_rng_state(state)
+
+
+def rng_states(device: torch.device, batches: torch.Generator) -> dict:
+    """This process' RNG states as a checkpoint keeps them: torch's, the device's own (dropout draws from
+    it) and the batch stream's generator."""
+    return {"device": device.type, "torch": torch.get_rng_state(),
+            "cuda": device_rng_state(device) if device.type == "cuda" else None,
+            "mps": device_rng_state(device) if device.type == "mps" else None,
+            "batches": batches.get_state()}

@@ -15,6 +15,7 @@ import torch
 from fastgpt.cli import UserError
 from fastgpt.model import GPTConfig
 
+MAX_BIGRAM_VOCAB = 8192  # the bigram model's table is vocab x vocab
 FLOAT = 4  # bytes: weights and activations are counted in fp32, the widest the trainer uses
 
 
@@ -58,7 +59,12 @@ def check_model(config: GPTConfig, device: torch.device, source: str) -> None:
 def check_training(config: GPTConfig, batch_size: int, device: torch.device) -> None:
     """Weights, gradients and AdamW's two moments (4 floats a parameter), and one micro-batch's
     activations: per token and layer ~20 C floats and a row of attention probabilities (H x T, which the
-    reference path materialises), and the logits with their softmax and gradient."""
+    reference path materialises), and the logits with their softmax and gradient. The bigram model, a
+    vocab x vocab table, is kept to MAX_BIGRAM_VOCAB tokens whatever the machine."""
+    if config.model == "bigram" and config.vocab_size > MAX_BIGRAM_VOCAB:
+        raise UserError(f"the bigram model is a vocab x vocab table: {config.vocab_size} tokens make it "
+                        f"{config.vocab_size ** 2 / 1e6:,.0f}M parameters: train it on at most {MAX_BIGRAM_VOCAB} "
+                        f"tokens (--tokenizer=char, or bpe with a smaller --vocab_size), or choose another --model")
     tokens = batch_size * config.block_size
     per_token = config.n_layer * (20 * config.n_embd + config.n_head * config.block_size) + 3 * config.vocab_size
     needed = (4 * parameters(config) + tokens * per_token) * FLOAT

@@ -243,13 +243,13 @@ def test_a_throwaway_batch_of_a_host_gathered_split_draws_on_the_host(monkeypatc
     split copies to the CPU, CUDA's RNG state left out."""
     from types import SimpleNamespace
 
-    from fastgpt import train
+    from fastgpt import warmup
 
     monkeypatch.setattr(data, "fits_on", lambda device, nbytes: False)
     batches = Batches(np.arange(3000, dtype=np.uint16), 16, 8, CPU, seed=5)
-    monkeypatch.setattr(train, "device_rng_state", lambda device: None)
+    monkeypatch.setattr(warmup, "device_rng_state", lambda device: None)
     state = batches.generator.get_state()
-    with train.throwaway_batch(SimpleNamespace(device=torch.device("cuda"), train_batches=batches)) as (x, y):
+    with warmup.throwaway_batch(SimpleNamespace(device=torch.device("cuda"), train_batches=batches)) as (x, y):
         assert x.shape == y.shape == (8, 16) and torch.equal(x[:, 1:], y[:, :-1])
     assert torch.equal(batches.generator.get_state(), state)  # the training stream is untouched
     assert batches.seeded_generator(0).device == batches.generator.device == CPU

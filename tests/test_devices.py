@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fastgpt import kernels
-from fastgpt import distributed, model, train
+from fastgpt import device, distributed, model
 from fastgpt.config import parse_train_args
 from fastgpt.device import resolve_dtype
 from fastgpt.cli import UserError
@@ -60,13 +60,13 @@ def test_fused_adamw_only_where_torch_has_it(monkeypatch):
 
 def test_the_device_generators_rng_state_is_saved_and_restored(monkeypatch):
     """Dropout draws from the device's own generator: a checkpoint holds its state on CUDA and on MPS."""
-    assert train.device_rng_state(torch.device("cpu")) is None
+    assert device.device_rng_state(torch.device("cpu")) is None
     state, restored = torch.arange(4, dtype=torch.uint8), []
     monkeypatch.setattr(torch.mps, "get_rng_state", lambda: state)
     monkeypatch.setattr(torch.mps, "set_rng_state", restored.append)
-    assert train.device_rng_state(torch.device("mps")) is state
-    train.set_device_rng_state(torch.device("mps"), state)
-    train.set_device_rng_state(torch.device("mps"), None)  # a checkpoint without one (CPU-written) sets nothing
+    assert device.device_rng_state(torch.device("mps")) is state
+    device.set_device_rng_state(torch.device("mps"), state)
+    device.set_device_rng_state(torch.device("mps"), None)  # a checkpoint without one (CPU-written) sets nothing
     assert restored == [state]
 
 

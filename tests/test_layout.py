@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from conftest import ROOT
-from fastgpt import distributed, train
+from fastgpt import distributed, train, warmup
 from fastgpt.config import parse_train_args
+from fastgpt.start import resolve
 
 LIMIT = 80
 
@@ -33,11 +34,11 @@ def test_the_fallback_probe_leaves_the_run_as_it_was(small_corpus, tmp_path):
     cfg, given = parse_train_args([f"--data_file={small_corpus}", f"--data_dir={tmp_path}", f"--out_dir={tmp_path}",
                                    "--device=cpu", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=16",
                                    "--batch_size=4", "--dropout=0.1"], False)
-    run = train.setup(cfg, given, None, distributed.init(cfg.device))
+    run = train.setup(resolve(cfg, given), distributed.init(cfg.device))
     try:
         rng, batches = torch.get_rng_state(), run.train_batches.generator.get_state()
         weights = {k: v.clone() for k, v in run.raw_model.state_dict().items()}
-        train.say_fallbacks(run)
+        warmup.say_fallbacks(run)
         assert torch.equal(torch.get_rng_state(), rng) and torch.equal(run.train_batches.generator.get_state(), batches)
         assert run.raw_model.training and all(p.grad is None for p in run.raw_model.parameters())
         assert all(torch.equal(v, weights[k]) for k, v in run.raw_model.state_dict().items())
