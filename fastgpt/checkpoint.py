@@ -229,3 +229,17 @@ def check_resumable_state(ckpt: dict, model: torch.nn.Module, optimizer: torch.o
         raise damaged(f"iter_num {iter_num!r} is not a count of iterations")
     if isinstance(best, bool) or not isinstance(best, (int, float)) or best != best or best < 0:
         raise damaged(f"best_val_loss {best!r} is not a loss")
+
+
+def exportable(ckpt: dict, path: Path, target: str):
+    """The GPT model and tokenizer of a fastgpt checkpoint that `target` can hold; a UserError otherwise."""
+    model, tokenizer = model_from_checkpoint(require(ckpt, path, f"export {target} from", ("model", "model_config",
+                                                                                           "vocab")), path)
+    config = model.config
+    if config.model != "gpt":
+        raise UserError(f"{path} holds a --model={config.model} model, a step of the lecture before the GPT: only "
+                        f"--model=gpt exports to {target}")
+    if config.attn_window is not None:
+        raise UserError(f"{path} uses a sliding attention window (--attn_window={config.attn_window}), which "
+                        f"{target}'s GPT-2 does not have: export a model trained without it")
+    return model, tokenizer

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from fastgpt.checkpoint import exportable
 from fastgpt.cli import UserError
 from fastgpt.tokenizer import BPETokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer
 
@@ -91,15 +92,14 @@ def hf_tokenizer(tokenizer: Tokenizer):
         tok.decoder = decoders.Fuse()  # the characters joined as they are, no spaces between
         return tok
     assert isinstance(tokenizer, GPT2Tokenizer)
-    encoding = tokenizer._enc
-    ranks = encoding._mergeable_ranks
+    ranks = tokenizer.mergeable_ranks()
     alphabet = bytes_to_unicode()
     show = lambda b: "".join(alphabet[x] for x in b)  # noqa: E731
     tok = HFTokenizer(models.BPE(vocab={show(t): r for t, r in ranks.items()},
                                  merges=[(show(a), show(b)) for a, b in merges_from_ranks(ranks)]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
-    for name, rank in sorted(encoding._special_tokens.items(), key=lambda item: item[1]):
+    for name, rank in tokenizer.special_tokens():
         if rank != tok.get_vocab_size():
             raise UserError(f"GPT-2's special token {name} has id {rank}, past its BPE's {tok.get_vocab_size()}: "
                             f"this tiktoken encoding does not convert")
@@ -108,16 +108,13 @@ def hf_tokenizer(tokenizer: Tokenizer):
 
 
 def to_hf(ckpt: dict, path: Path, out: Path) -> list[Path]:
-    from fastgpt.export import exportable
-
     transformers = require_transformers()
     transformers.utils.logging.set_verbosity_error()  # its notes on GPT-2's defaults, its progress bars
     transformers.utils.logging.disable_progress_bar()
     model, tokenizer = exportable(ckpt, path, "hf")
     c = model.config
     # GPT-2's end-of-text token is its bos and eos, as in GPT-2's own config; the others have none
-    special = sorted(tokenizer._enc._special_tokens.items(), key=lambda item: item[1]) if isinstance(
-        tokenizer, GPT2Tokenizer) else []
+    special = tokenizer.special_tokens() if isinstance(tokenizer, GPT2Tokenizer) else []
     end = special[0] if special else (None, None)
     config = transformers.GPT2Config(
         vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,

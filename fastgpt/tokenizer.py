@@ -180,6 +180,17 @@ class GPT2Tokenizer:
     def vocab_size(self) -> int:
         return self._enc.n_vocab
 
+    def special_tokens(self) -> list[tuple[str, int]]:
+        """GPT-2's special tokens (its end-of-text) and their ids, in id order."""
+        return sorted(((name, self._enc.encode_single_token(name)) for name in self._enc.special_tokens_set),
+                      key=lambda item: item[1])
+
+    def mergeable_ranks(self) -> dict[bytes, int]:
+        """Every ordinary token's bytes and id, which is its merge rank."""
+        special = {rank for _, rank in self.special_tokens()}
+        return {self._enc.decode_single_token_bytes(rank): rank for rank in range(self._enc.n_vocab)
+                if rank not in special}
+
     def state(self) -> dict:
         return {"kind": "gpt2"}
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import one_line_error, tiny_flags
-from fastgpt import export, sample, train
+from fastgpt import export, nanogpt, sample, train
 from fastgpt.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from fastgpt.cli import UserError
 from fastgpt.model import GPTConfig, build_model
@@ -206,8 +206,8 @@ def test_the_plain_unpickler_admits_plain_data():
     data = {"vocab_size": 3, "itos": {0: "a", 1: "b", 2: "\n"}, "stoi": {"a": 0, "é": 1, "😀": 2},
             "t": (1, 2.5, None, True), "l": [-3, 10**30, float("inf"), "x" * 1000]}
     for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
-        assert export.PlainUnpickler(io.BytesIO(pickle.dumps(data, protocol=protocol))).load() == data
-    assert export.PlainUnpickler(io.BytesIO(pickle.dumps([b"raw"], protocol=3))).load() == [b"raw"]
+        assert nanogpt.PlainUnpickler(io.BytesIO(pickle.dumps(data, protocol=protocol))).load() == data
+    assert nanogpt.PlainUnpickler(io.BytesIO(pickle.dumps([b"raw"], protocol=3))).load() == [b"raw"]
 
 
 @pytest.mark.parametrize("case, message", [
