@@ -27,7 +27,7 @@ def throwaway_batch(run) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
 
 def say_fallbacks(run) -> None:
     """One eager forward on a throwaway batch: on CUDA, an op that `auto` sends to its reference says so
-    here (kernels/backend.py), which it cannot while torch.compile traces."""
+    here (kernels/dispatch.py), which it cannot while torch.compile traces."""
     with throwaway_batch(run) as (x, y), torch.no_grad(), run.autocast:
         run.raw_model.eval()
         run.raw_model(x, y)

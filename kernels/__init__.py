@@ -24,7 +24,7 @@ if __name__ != "fastgpt.kernels":
     _spec.loader.exec_module(_module)
 else:
     from fastgpt.kernels.attention import causal_attention
-    from fastgpt.kernels.backend import backend, get_backend, set_backend
+    from fastgpt.kernels.dispatch import backend, get_backend, set_backend
     from fastgpt.kernels.layer_norm import add_layer_norm, layer_norm
     from fastgpt.kernels.linear_gelu import linear_gelu
 

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fastgpt.kernels.backend import select
+from fastgpt.kernels.dispatch import select
 from fastgpt.kernels.core import aot_spec, arch_of, tensor_problem
 
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fastgpt.kernels.backend import select
+from fastgpt.kernels.dispatch import select
 from fastgpt.kernels.core import aot_spec, autocast_dtype, tensor_problem
 
 MAX_N = 4096
@@ -180,7 +180,7 @@ def _rows(t: torch.Tensor | None, n: int) -> torch.Tensor | None:
 def _problem(op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
              residual: torch.Tensor | None) -> str | None:
     """Why the kernels cannot take these inputs, in one line, or None when they can (`auto` and the
-    launchers' check, kernels/backend.py)."""
+    launchers' check, kernels/dispatch.py)."""
     problem = tensor_problem(op, {"x": x, "weight": weight, "bias": bias, "residual": residual})
     if problem is None and x.size(-1) > MAX_N:
         problem = (f"{op}: the Triton kernel holds a row in registers, so N <= {MAX_N}; got N = {x.size(-1)}: "

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fastgpt.kernels.backend import select
+from fastgpt.kernels.dispatch import select
 from fastgpt.kernels.core import aot_spec, arch_of, autocast_dtype, shared_memory, tensor_problem
 from fastgpt.kernels.tuning import Tuner, kernel_source
 
@@ -221,7 +221,7 @@ def _backward(dy: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 
 def _problem(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> str | None:
     """Why the kernel cannot take these inputs, in one line, or None when it can (`auto` and the
-    launchers' check, kernels/backend.py). Under autocast the dtypes do not matter: `linear_gelu_triton`
+    launchers' check, kernels/dispatch.py). Under autocast the dtypes do not matter: `linear_gelu_triton`
     casts all three to the autocast dtype."""
     return tensor_problem("linear_gelu", {"x": x, "weight": weight, "bias": bias}, one_dtype=True,
                           any_dtype=autocast_dtype(x) is not None)

@@ -329,14 +329,14 @@ def test_bench_corpus_edge_flags_are_one_line(flags, message, cli, tmp_path):
 
 
 def test_pictures_never_replace_a_file_unasked(trained, tmp_path):
-    from fastgpt import attention, plot
+    from fastgpt import attention_maps, plot
 
     picture = tmp_path / "mine.png"
     picture.write_bytes(b"my own picture")
     with pytest.raises(UserError, match="exists: choose another path, or pass --force"):
         plot.main([str(trained), f"--out={picture}"])
     with pytest.raises(UserError, match="exists: choose another path, or pass --force"):
-        attention.main([f"--checkpoint={trained / 'best.pt'}", "--prompt=ROMEO", f"--out={picture}"])
+        attention_maps.main([f"--checkpoint={trained / 'best.pt'}", "--prompt=ROMEO", f"--out={picture}"])
     assert picture.read_bytes() == b"my own picture"
     assert plot.main([str(trained), f"--out={picture}", "--force"]) == 0
     assert picture.read_bytes()[:4] == b"\x89PNG" and not list(tmp_path.glob(".mine.png.*"))

@@ -223,7 +223,7 @@ def test_train_cli_help_lists_every_field_with_its_default(cli):
         assert matching[0].endswith(f"(default: {getattr(defaults, field.name)!r})")
 
 
-@pytest.mark.parametrize("module", ["fastgpt.train", "fastgpt.sample", "fastgpt.export", "fastgpt.attention",
+@pytest.mark.parametrize("module", ["fastgpt.train", "fastgpt.sample", "fastgpt.export", "fastgpt.attention_maps",
                                     "fastgpt.compare", "fastgpt.plot"])
 def test_every_entry_point_shows_help_through_one_parser(module, cli):
     result = cli(module, "--help")

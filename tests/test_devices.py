@@ -77,7 +77,7 @@ class FakeMps:
 
 
 def test_on_mps_every_op_runs_its_reference(monkeypatch):
-    select = importlib.import_module("fastgpt.kernels.backend").select
+    select = importlib.import_module("fastgpt.kernels.dispatch").select
     with kernels.backend("auto"):
         assert select("layer_norm", FakeMps(), "reference", "triton") == "reference"
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)

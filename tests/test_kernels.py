@@ -3,7 +3,6 @@ checks, and the backend switch."""
 
 from __future__ import annotations
 
-import importlib
 import logging
 import math
 
@@ -12,11 +11,11 @@ import torch
 
 from fastgpt import kernels
 from fastgpt.kernels.attention import causal_attention_reference
-from fastgpt.kernels.backend import select
+from fastgpt.kernels.dispatch import select
 from fastgpt.kernels.layer_norm import layer_norm_reference
 from fastgpt.kernels.linear_gelu import linear_gelu_reference
 
-backend_module = importlib.import_module("fastgpt.kernels.backend")  # kernels.backend is the context manager
+from fastgpt.kernels import dispatch as backend_module
 OPS = ["layer_norm", "causal_attention", "linear_gelu"]
 
 

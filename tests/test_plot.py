@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import one_line_error, tiny_flags
-from fastgpt import attention, compare, plot, train
+from fastgpt import attention_maps, compare, plot, train
 from fastgpt.checkpoint import load_checkpoint, model_from_checkpoint
 from fastgpt.cli import UserError
 
@@ -67,7 +67,7 @@ def test_runs_alike_in_every_setting_are_named_by_their_directories(two_runs):
 def test_attention_rows_sum_to_one_with_nothing_above_the_diagonal(two_runs):
     model, tokenizer = model_from_checkpoint(load_checkpoint(two_runs[0] / "best.pt"), "x")
     ids = tokenizer.encode("ROMEO: the rose").tolist()
-    maps = attention.attention_maps(model, torch.tensor([ids]))
+    maps = attention_maps.attention_probabilities(model, torch.tensor([ids]))
     assert len(maps) == model.config.n_layer
     for layer in maps:
         assert layer.shape == (model.config.n_head, len(ids), len(ids))
@@ -83,7 +83,7 @@ def test_attention_maps_are_the_models_own_weights(two_runs):
     x = torch.randn(1, 10, model.config.n_embd)
     captured = []
     hook = layer.register_forward_hook(lambda m, args, out: captured.append(out))
-    (probs,) = attention.attention_maps(_Single(layer, model.config), x)
+    (probs,) = attention_maps.attention_probabilities(_Single(layer, model.config), x)
     hook.remove()
     _, _, v = layer.c_attn(x).split(model.config.n_embd, dim=2)
     v = v.view(1, 10, layer.n_head, -1).transpose(1, 2)
@@ -104,12 +104,12 @@ class _Single(torch.nn.Module):
 
 def test_the_attention_picture_has_a_heatmap_per_layer_and_head(two_runs, tmp_path, capsys):
     out = tmp_path / "attn.png"
-    assert attention.main([f"--checkpoint={two_runs[0] / 'best.pt'}", "--prompt=ROMEO: the", f"--out={out}"]) == 0
+    assert attention_maps.main([f"--checkpoint={two_runs[0] / 'best.pt'}", "--prompt=ROMEO: the", f"--out={out}"]) == 0
     assert out.is_file() and "reference path" in capsys.readouterr().out
     model, tokenizer = model_from_checkpoint(load_checkpoint(two_runs[0] / "best.pt"), "x")
     ids = tokenizer.encode("ROMEO: the").tolist()
-    fig = attention.attention_figure(attention.attention_maps(model, torch.tensor([ids])),
-                                     attention.token_labels(tokenizer, ids), "t")
+    fig = attention_maps.attention_figure(attention_maps.attention_probabilities(model, torch.tensor([ids])),
+                                     attention_maps.token_labels(tokenizer, ids), "t")
     assert len(fig.axes) == model.config.n_layer * model.config.n_head
     ax = fig.axes[0]
     assert [t.get_text() for t in ax.get_xticklabels()] == list("ROMEO:␣the")
@@ -160,11 +160,11 @@ def test_bad_plot_input_is_one_line_and_exit_2(tmp_path, cli, two_runs, case, me
 def test_bad_attention_input_is_one_line_and_exit_2(tmp_path, cli, two_runs, prompt, message):
     argv = [f"--checkpoint={two_runs[0] / 'best.pt'}", f"--prompt={prompt}", f"--out={tmp_path / 'a.png'}"]
     if not prompt:  # the command line's side: one line on stderr, exit 2
-        result = cli("fastgpt.attention", *argv)
+        result = cli("fastgpt.attention_maps", *argv)
         assert message in one_line_error(result)
     else:
         with pytest.raises(UserError, match=message):
-            attention.main(argv)
+            attention_maps.main(argv)
 
 
 def test_a_missing_matplotlib_is_named(monkeypatch, two_runs, tmp_path):

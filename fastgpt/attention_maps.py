@@ -1,4 +1,4 @@
-"""Where the model looks: `python -m fastgpt.attention --checkpoint=PATH --prompt="ROMEO:" --out=attn.png`.
+"""Where the model looks: `python -m fastgpt.attention_maps --checkpoint=PATH --prompt="ROMEO:" --out=attn.png`.
 
 For each attention layer (rows) and head (columns), a heatmap of the attention weights over the prompt's
 tokens: row i is the distribution query token i puts over the keys 0..i (nothing above the diagonal:
@@ -34,7 +34,7 @@ class AttentionConfig:
 
 
 @torch.no_grad()
-def attention_maps(model, idx: torch.Tensor) -> list[torch.Tensor]:
+def attention_probabilities(model, idx: torch.Tensor) -> list[torch.Tensor]:
     """The attention probabilities (n_head, T, T) of each attention layer for token ids idx (1, T): the
     reference forward runs once, and each layer's q and k are recomputed from its input."""
     layers = [m for m in model.modules() if isinstance(m, CausalSelfAttention)]
@@ -89,7 +89,7 @@ def attention_figure(maps: list[torch.Tensor], labels: list[str], title: str):
 
 
 def main(argv: list[str]) -> int:
-    cfg, _ = parse_command(AttentionConfig, argv, AttentionConfig(), "fastgpt.attention",
+    cfg, _ = parse_command(AttentionConfig, argv, AttentionConfig(), "fastgpt.attention_maps",
                            __doc__.strip().splitlines()[0])
     require_matplotlib()
     path = Path(cfg.checkpoint)
@@ -99,7 +99,7 @@ def main(argv: list[str]) -> int:
     if len(ids) > model.config.block_size:
         raise UserError(f"the prompt is {len(ids)} tokens, longer than the model's block_size "
                         f"{model.config.block_size}: shorten it")
-    maps = attention_maps(model, torch.tensor([ids]))
+    maps = attention_probabilities(model, torch.tensor([ids]))
     title = f"attention of {path} over {cfg.prompt!r} (PyTorch reference path: the kernels keep no probabilities)"
     save(attention_figure(maps, token_labels(tokenizer, ids), title), Path(cfg.out), cfg.force)
     print(f"wrote {cfg.out}: {len(maps)} layer(s) x {maps[0].shape[0]} head(s) over {len(ids)} tokens, computed "
@@ -108,4 +108,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    run_main(main, "fastgpt.attention")
+    run_main(main, "fastgpt.attention_maps")
