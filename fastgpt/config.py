@@ -66,9 +66,7 @@ class TrainConfig:
 
     def model_config(self, vocab_size: int) -> GPTConfig:
         """The GPTConfig these settings describe, for a corpus of vocab_size characters."""
-        return GPTConfig(vocab_size=vocab_size, block_size=self.block_size, n_layer=self.n_layer,
-                         n_head=self.n_head, n_embd=self.n_embd, dropout=self.dropout, bias=self.bias,
-                         attn_window=self.attn_window, model=self.model)
+        return GPTConfig(vocab_size=vocab_size, **{name: getattr(self, name) for name in MODEL_FIELDS})
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):
@@ -132,8 +130,11 @@ PRESETS: dict[str, TrainConfig] = {
                             lr_decay_iters=500, dropout=0.1),
 }
 
-# fields that fix the model's shape: a resumed or fine-tuned run takes them from its checkpoint
-ARCHITECTURE_FIELDS = ("model", "block_size", "n_layer", "n_head", "n_embd", "bias", "attn_window")
+# the model's settings that are also the trainer's flags (all of GPTConfig's but the vocabulary, which the
+# corpus decides), and of those the ones that fix the model's shape: a resumed or fine-tuned run takes them
+# from its checkpoint (dropout it may change)
+MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(GPTConfig) if f.name != "vocab_size")
+ARCHITECTURE_FIELDS = tuple(name for name in MODEL_FIELDS if name != "dropout")
 
 
 def parse_train_args(argv: Sequence[str], cuda_available: bool) -> tuple[TrainConfig, set[str]]:
@@ -166,3 +167,7 @@ def parse_train_args(argv: Sequence[str], cuda_available: bool) -> tuple[TrainCo
     if "vocab_size" in given and cfg.tokenizer != "bpe":
         raise UserError("--vocab_size sets the size of a trained BPE: use it with --tokenizer=bpe")
     return cfg, given
+
+
+# each model setting is a trainer flag
+assert set(MODEL_FIELDS) <= {f.name for f in dataclasses.fields(TrainConfig)}, "TrainConfig lacks a GPTConfig field"
