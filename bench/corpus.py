@@ -29,9 +29,11 @@ import time
 from pathlib import Path
 
 from fastgpt import data
+from fastgpt import text as corpus_text
 from fastgpt.cli import UserError, run_main
-from fastgpt.data import TINY_SHAKESPEARE_SHA256
 from fastgpt.files import atomic_write
+from fastgpt.text import TINY_SHAKESPEARE_SHA256
+from fastgpt.tokenizer import make_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -65,15 +67,15 @@ def start(corpus: Path, data_dir: Path, out_dir: Path, tokenizer: str, vocab_siz
 
 def stages(corpus: Path, work: Path, tokenizer: str, vocab_size: int) -> dict:
     """MB/s of reading, (training the BPE,) and encoding the whole corpus, in this process."""
-    files = data.corpus_files(str(corpus), work)
+    files = corpus_text.corpus_files(str(corpus), work)
     mb = files[0].stat().st_size / 1e6
     began = time.perf_counter()
-    text = data.scan(files, want_chars=tokenizer == "char")
+    text = corpus_text.scan(files, want_chars=tokenizer == "char")
     result = {"read_mb_s": round(mb / (time.perf_counter() - began), 1)}
     began = time.perf_counter()
-    tok = data.make_tokenizer(tokenizer, text, work / "stages", vocab_size, None, False, str(corpus))
+    tok = make_tokenizer(tokenizer, text, work / "stages", vocab_size, None, False, str(corpus))
     if tokenizer == "bpe":
-        result["bpe_train_mb_s"] = round(mb * data.TRAIN_FRACTION / (time.perf_counter() - began), 1)
+        result["bpe_train_mb_s"] = round(mb * corpus_text.TRAIN_FRACTION / (time.perf_counter() - began), 1)
     began = time.perf_counter()
     data.write_tokens(work / "stages" / "tokens", text, tok)
     result["encode_mb_s"] = round(mb / (time.perf_counter() - began), 1)

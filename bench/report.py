@@ -51,7 +51,7 @@ import triton
 from fastgpt.config import PRESETS
 
 from fastgpt.cli import UserError, run_main
-from fastgpt.data import tiny_shakespeare
+from fastgpt.text import tiny_shakespeare
 
 ROOT = Path(__file__).resolve().parent.parent
 PHASES = ("smoke", "kernel_tests", "train_step", "kernel_bench", "time_to_target")

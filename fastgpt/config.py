@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 from fastgpt.cli import ShowHelp, UserError, format_help, parse_flags
 from fastgpt.model import MODELS, GPTConfig
+from fastgpt.tokenizer import KINDS
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-TOKENIZERS = ("char", "bpe", "gpt2")
 MAX_BPE_VOCAB = 1 << 20
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -83,8 +83,8 @@ class TrainConfig:
             raise UserError(f"unknown --model={self.model}: choose one of {', '.join(MODELS)}")
         if self.resume and self.init_from:
             raise UserError("--resume continues a run and --init_from starts a new one: pass only one")
-        if self.tokenizer not in TOKENIZERS:
-            raise UserError(f"unknown --tokenizer={self.tokenizer}: choose one of {', '.join(TOKENIZERS)}")
+        if self.tokenizer not in KINDS:
+            raise UserError(f"unknown --tokenizer={self.tokenizer}: choose one of {', '.join(KINDS)}")
         if not 256 <= self.vocab_size <= MAX_BPE_VOCAB:
             raise UserError(f"--vocab_size must be between 256 (the bytes alone) and {MAX_BPE_VOCAB}, got "
                             f"{self.vocab_size}")

@@ -14,7 +14,7 @@ import torch
 from fastgpt import kernels, memory
 from fastgpt.checkpoint import load_checkpoint, model_from_checkpoint
 from fastgpt.cli import UserError, parse_command, run_main
-from fastgpt.data import read_text_file
+from fastgpt.text import read_text_file
 from fastgpt.distributed import resolve_device
 from fastgpt.model import LanguageModel
 from fastgpt.tokenizer import Tokenizer, check_prompt, default_prompt

@@ -14,15 +14,18 @@ from __future__ import annotations
 
 import importlib
 import re
+import sys
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 import numpy as np
 
-from fastgpt.config import TOKENIZERS
 
 from fastgpt.cli import UserError
+from fastgpt.files import Progress, atomic_write, file_lock
+from fastgpt.text import Text, split_point, text_chunks
 
-KINDS = TOKENIZERS  # the --tokenizer values
+KINDS = ("char", "bpe", "gpt2")  # the --tokenizer values
 
 EXTRA = "bpe"  # the optional dependencies' extra: pip install -e ".[bpe]"
 PIECE_CHARS = 1 << 16  # text per piece handed to the byte-level encoders (they encode pieces in parallel)
@@ -244,3 +247,68 @@ def default_prompt(tokenizer: Tokenizer) -> str:
     if tokenizer.byte_level or "\n" in tokenizer.vocab:
         return "\n"
     return tokenizer.vocab[0]
+
+
+BPE_VERSION = 1  # bump when the BPE's training changes
+
+
+def pretoken_chunks(chunks: Iterable[str]) -> Iterator[str]:
+    """The chunks re-cut at pre-tokenizer boundaries, so that a byte-level BPE encodes them as it would
+    the whole text."""
+    carry = ""
+    for chunk in chunks:
+        head, carry = split_safely(carry + chunk)
+        if head:
+            yield head
+    if carry:
+        yield carry
+
+
+def char_tokenizer(text: Text, vocab: str | None, extend_vocab: bool, where: str) -> CharTokenizer:
+    """The corpus' own sorted characters, or a checkpoint's `vocab`: then characters outside it are a
+    UserError, unless `extend_vocab` appends them."""
+    if vocab is None:
+        return CharTokenizer(text.chars)
+    missing = [c for c in text.chars if c not in set(vocab)]
+    if missing and not extend_vocab:
+        shown = " ".join(repr(c) for c in missing[:30])
+        if len(missing) > 30:
+            shown += f" and {len(missing) - 30} more"
+        raise UserError(f"{where} has characters the checkpoint's vocabulary lacks: {shown}; pass "
+                        f"--extend_vocab to add them")
+    return CharTokenizer(vocab + "".join(missing))
+
+
+def trained_bpe(text: Text, data_dir: str | Path, vocab_size: int) -> BPETokenizer:
+    """A byte-level BPE of `vocab_size` tokens trained on the corpus' train split, from the cache in
+    data_dir/cache when an earlier start trained it."""
+    path = Path(data_dir) / "cache" / f"bpe-{text.sha256}-{vocab_size}-v{BPE_VERSION}.json"
+    with file_lock(path.with_suffix(".lock")):
+        if path.is_file():
+            try:
+                return BPETokenizer(path.read_text(encoding="utf-8"))
+            except (UserError, OSError, UnicodeDecodeError):
+                pass  # damaged: trained again below
+        stop = split_point(text)
+        progress = Progress(f"training a BPE of {vocab_size} tokens", stop)
+        tokenizer = BPETokenizer.train(pretoken_chunks(text_chunks(text, 0, stop, progress)),
+                                       vocab_size)
+        progress.close()
+        try:
+            atomic_write(path, lambda f: f.write(tokenizer.serialized.encode("utf-8")))
+        except OSError as e:
+            print(f"warning: could not cache the BPE in {path.parent} ({e.strerror})", file=sys.stderr)
+    return tokenizer
+
+
+def make_tokenizer(kind: str, text: Text, data_dir: str | Path, vocab_size: int, state: dict | None,
+                   extend_vocab: bool, where: str) -> Tokenizer:
+    """The run's tokenizer: a checkpoint's (its `state`, a char vocabulary extended when asked), or a new
+    one of `kind` for this corpus."""
+    if kind == "char":
+        return char_tokenizer(text, state["vocab"] if state else None, extend_vocab, where)
+    if state is not None:
+        return from_state(state)
+    if kind == "bpe":
+        return trained_bpe(text, data_dir, vocab_size)
+    return GPT2Tokenizer()

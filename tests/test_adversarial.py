@@ -229,9 +229,10 @@ def test_a_tampered_token_cache_is_rebuilt(small_corpus, tmp_path, name):
 
 def test_a_corpus_edited_while_it_is_encoded_is_not_cached_as_the_original(small_corpus, tmp_path, monkeypatch):
     from fastgpt import data
+    from fastgpt import text as corpus_text
 
     original = small_corpus.read_bytes()
-    real = data.read_chunks
+    real = corpus_text.read_chunks
     calls = []
 
     def edited_midway(path, start=0, stop=None):
@@ -241,18 +242,18 @@ def test_a_corpus_edited_while_it_is_encoded_is_not_cached_as_the_original(small
                 path.write_bytes(original.replace(b"ROMEO", b"TYBLT"))
             yield chunk
 
-    monkeypatch.setattr(data, "CHUNK_BYTES", 4096)
-    monkeypatch.setattr(data, "read_chunks", edited_midway)
+    monkeypatch.setattr(corpus_text, "CHUNK_BYTES", 4096)
+    monkeypatch.setattr(corpus_text, "read_chunks", edited_midway)
     with pytest.raises(UserError, match="changed while it was being encoded"):
         data.load_corpus(str(small_corpus), tmp_path)
-    monkeypatch.setattr(data, "read_chunks", real)
+    monkeypatch.setattr(corpus_text, "read_chunks", real)
     assert not list((tmp_path / "cache").glob("*.bin"))
     small_corpus.write_bytes(original)
     assert data.load_corpus(str(small_corpus), tmp_path).train.size > 0
 
 
 def test_a_glob_through_a_loop_of_links_reads_each_file_once(tmp_path):
-    from fastgpt.data import corpus_files
+    from fastgpt.text import corpus_files
 
     (tmp_path / "texts" / "sub").mkdir(parents=True)
     (tmp_path / "texts" / "a.txt").write_text("alpha\n")

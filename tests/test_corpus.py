@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from fastgpt import data
+from fastgpt import text as corpus_text
 from fastgpt.cli import UserError
 from fastgpt.data import Batches, load_corpus
 from fastgpt.tokenizer import BPETokenizer
@@ -37,7 +38,7 @@ def test_chunk_edges_inside_characters_encode_like_the_whole_text(tmp_path, monk
     path = tmp_path / "mixed.txt"
     path.write_text(MIXED, encoding="utf-8")
     whole = load_corpus(str(path), tmp_path / "whole", tokenizer=tokenizer, vocab_size=300)
-    monkeypatch.setattr(data, "CHUNK_BYTES", chunk)
+    monkeypatch.setattr(corpus_text, "CHUNK_BYTES", chunk)
     chunked = load_corpus(str(path), tmp_path / "chunked", tokenizer=tokenizer, vocab_size=300)
     np.testing.assert_array_equal(tokens(chunked), tokens(whole))
     assert len(chunked.train) == len(whole.train)
@@ -49,7 +50,7 @@ def test_chunk_edges_inside_characters_encode_like_the_whole_text(tmp_path, monk
 @pytest.mark.parametrize("raw, offset", [(b"ab\xc3\xa9cd\xe2\x98(xyz", 6), (b"abcdefgh\xf0\x9f\x98", 8),
                                          (b"\xe2\x98\x83\xe2\x98\x83\x80", 6)])
 def test_bad_utf8_is_reported_at_its_offset_whatever_the_chunks(tmp_path, monkeypatch, chunk, raw, offset):
-    monkeypatch.setattr(data, "CHUNK_BYTES", chunk)
+    monkeypatch.setattr(corpus_text, "CHUNK_BYTES", chunk)
     path = tmp_path / "bad.txt"
     path.write_bytes(raw)
     with pytest.raises(UserError, match=rf"bad byte at offset {offset}\)"):

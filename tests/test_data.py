@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from fastgpt.cli import UserError
-from fastgpt.data import Batches, load_corpus, tiny_shakespeare
+from fastgpt.data import Batches, load_corpus
+from fastgpt.text import tiny_shakespeare
 from fastgpt.tokenizer import CharTokenizer
 
 CPU = torch.device("cpu")
