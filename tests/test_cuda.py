@@ -1,5 +1,5 @@
 """Paths only a CUDA GPU takes, each in seconds: the GPU report runs this file first in its kernel_tests
-phase (bench/report.py), cheapest and most informative first. Without CUDA every test is skipped; the
+phase (bench/report/__init__.py), cheapest and most informative first. Without CUDA every test is skipped; the
 CPU stand-ins of these paths are in the other test files."""
 
 from __future__ import annotations

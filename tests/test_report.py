@@ -237,7 +237,7 @@ def test_bad_flags_are_one_line(tmp_path, flags, message):
 
 
 def test_smoke_records_a_case_that_raises_and_runs_the_rest(tmp_path, monkeypatch, capsys):
-    from bench import smoke
+    from bench.report import smoke
 
     cases = smoke.op_cases
 
@@ -258,7 +258,7 @@ def test_smoke_records_a_case_that_raises_and_runs_the_rest(tmp_path, monkeypatc
 
 
 def test_smoke_needs_the_interpreter_on_the_cpu(tmp_path):
-    proc = run_module("bench.smoke", f"--out={tmp_path / 's.jsonl'}", "--device=cpu", env={"TRITON_INTERPRET": "0"})
+    proc = run_module("bench.report.smoke", f"--out={tmp_path / 's.jsonl'}", "--device=cpu", env={"TRITON_INTERPRET": "0"})
     assert proc.returncode == 2 and "set TRITON_INTERPRET=1" in proc.stderr
 
 

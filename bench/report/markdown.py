@@ -1,4 +1,4 @@
-"""The GPU report's tables, from its JSON (bench/report.py)."""
+"""The GPU report's tables, from its JSON (bench/report/__init__.py)."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@
 
 Phases, in the order of what they teach (`--phases` picks some, in this order):
   smoke           one forward and backward of each op and of the whole GPT at the shakespeare_char shapes
-                  in bf16: error against the reference and GPU milliseconds (bench/smoke.py; a minute at most)
+                  in bf16: error against the reference and GPU milliseconds (bench/report/smoke.py; a minute at most)
   kernel_tests    the kernel tests run natively (bf16 included), in parallel (pytest-xdist) with a per-test
                   timeout (pytest-timeout), and the CUDA training test
   train_step      the training step (bench/test_train_step.py): Triton kernels and the reference, each under
@@ -50,10 +50,10 @@ import triton
 
 from fastgpt.config import PRESETS
 
-from fastgpt.cli import UserError, run_main
+from fastgpt.cli import UserError
 from fastgpt.text import tiny_shakespeare
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PHASES = ("smoke", "kernel_tests", "train_step", "kernel_bench", "time_to_target")
 # the CUDA-only paths first (seconds each), then the ops' own tests, then the training tests on the kernels
 KERNEL_TESTS = ["tests/test_cuda.py", "tests/test_corpus.py::test_host_batches_reach_the_gpu_whole",
@@ -148,7 +148,7 @@ class Phases:
     def _pytest(self, name: str, targets: list[str], extra: list[str], timeout: float,
                 env: dict | None = None) -> tuple[dict, list]:
         stream = self.work / f"{name}.jsonl"
-        command = [sys.executable, "-m", "pytest", *targets, "-q", "-p", "no:cacheprovider", "-p", "bench.stream",
+        command = [sys.executable, "-m", "pytest", *targets, "-q", "-p", "no:cacheprovider", "-p", "bench.report.stream",
                    *extra]
         code, seconds, cut = run(command, self.log, timeout, {**self.env, **(env or {}), "FASTGPT_STREAM": str(stream)})
         # pytest's exit code 5: no test matched the selection, which is not a failure of the code
@@ -157,7 +157,7 @@ class Phases:
 
     def smoke(self, timeout: float) -> dict:
         stream = self.work / "smoke.jsonl"
-        command = [sys.executable, "-m", "bench.smoke", f"--out={stream}", f"--device={self.args.device}"]
+        command = [sys.executable, "-m", "bench.report.smoke", f"--out={stream}", f"--device={self.args.device}"]
         env = self.env if self.cuda else {**self.env, "TRITON_INTERPRET": "1"}
         code, seconds, cut = run(command, self.log, timeout, env)
         return {"status": status(code, cut), "exit_code": code, "seconds": seconds,
@@ -286,7 +286,7 @@ def complete(report: dict) -> bool:
 
 
 def write(report: dict, stem: Path) -> None:
-    from bench.report_markdown import markdown
+    from bench.report.markdown import markdown
 
     report["complete"] = complete(report)
     for suffix, text in ((".json", json.dumps(report, indent=1) + "\n"), (".md", markdown(report))):
@@ -470,6 +470,3 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {stem}.json, .md and .log; complete: {report['complete']}")
     return 1 if failed else 0
 
-
-if __name__ == "__main__":
-    run_main(main, "bench.report")

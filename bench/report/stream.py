@@ -1,4 +1,4 @@
-"""A pytest plugin that writes each result as it happens: `pytest -p bench.stream` with FASTGPT_STREAM=FILE.
+"""A pytest plugin that writes each result as it happens: `pytest -p bench.report.stream` with FASTGPT_STREAM=FILE.
 
 pytest's junit XML and pytest-benchmark's JSON are written when the session ends, so a run killed at a
 time limit leaves neither. This plugin appends one JSON line per test to FILE as soon as the test is

@@ -1,6 +1,6 @@
 """The GPU report's first phase: does each kernel run and agree with the reference, at the real shapes?
 
-    python -m bench.smoke --out=FILE [--device=cuda|cpu]
+    python -m bench.report.smoke --out=FILE [--device=cuda|cpu]
 
 One forward and backward of every op (layer_norm, add_layer_norm, linear_gelu, causal_attention) and of
 the whole GPT, at the shakespeare_char shapes (B=64, T=256, C=384, 6 heads of 64) in bf16 on CUDA, each
@@ -150,13 +150,13 @@ def model_case(shape: dict, dtype: torch.dtype, device: torch.device, rounds: in
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.smoke", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.report.smoke", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="JSON lines file, appended to")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        print("bench.smoke: error: on the CPU the kernels run in the Triton interpreter: set TRITON_INTERPRET=1",
+        print("bench.report.smoke: error: on the CPU the kernels run in the Triton interpreter: set TRITON_INTERPRET=1",
               file=sys.stderr)
         return 2
     shape = SHAPES[device.type]
