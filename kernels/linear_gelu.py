@@ -130,7 +130,7 @@ def _linear_gelu_bwd_kernel(
 # (kernels/tuning.py). Wide tiles for the training shapes (M = B*T in the tens of thousands, N = 4*n_embd),
 # narrow ones for the small M of generation. fp32 tiles hold twice the bytes per element, so they take a
 # shorter K step and fewer stages to stay within shared memory (163 KiB on an A100). Every candidate
-# compiles without register spills for sm_80 and sm_90 (tests/test_linear_gelu.py). The first of each list is
+# compiles without register spills for sm_80 and sm_90 (tests/slow/test_aot.py). The first of each list is
 # the fallback for a problem met untuned inside a CUDA-graph capture.
 _CONFIGS_16BIT = (
     (128, 128, 64, 8, 4),

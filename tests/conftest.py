@@ -48,12 +48,33 @@ def _restore_tf32_flags():
 
 
 @pytest.fixture
-def triton_kernels():
-    """The Triton kernels selected, and tensors created on DEVICE unless a test says otherwise."""
+def triton_kernels(request):
+    """The Triton kernels selected, and tensors created on DEVICE unless a test says otherwise; a test
+    marked `api` instead calls the public entry point as users do (backend auto, tensors where it makes
+    them), against explicit fp64 maths."""
     from fastgpt import kernels
 
+    if request.node.get_closest_marker("api"):
+        with kernels.backend("auto"):
+            yield
+        return
     with kernels.backend("triton"), torch.device(DEVICE):
         yield
+
+
+def rand(*shape, seed=0):
+    """Seeded fp64 normal values on the CPU."""
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def restore_backend():
+    """Each test starts and ends on the kernel backend it found, whatever it selects on the way."""
+    from fastgpt import kernels
+
+    previous = kernels.get_backend()
+    yield
+    kernels.set_backend(previous)
 
 
 @pytest.fixture(scope="session")
@@ -89,6 +110,10 @@ def one_line_error(result: subprocess.CompletedProcess) -> str:
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     (line,) = result.stderr.strip().splitlines()
     return line
+
+
+# 1-, 2-, 3- and 4-byte characters, so every chunk size lands inside some character
+MIXED = "".join(f"line {i}: a é ☃ 😀 日本 {'x' * (i % 7)}\n" for i in range(400))
 
 
 # a model that trains in seconds on the CPU, where every machine computes the same float32 numbers
@@ -229,3 +254,15 @@ def checkout_copy(dest: Path) -> Path:
                                     ".benchmarks")
     shutil.copytree(ROOT, dest, ignore=ignore)
     return dest
+
+
+# ---------------------------------------------------------------------------------------------------
+# the tiers: everything under tests/slow/ is the full tier's alone (`pytest -m "not slow"` leaves it out)
+
+SLOW = ROOT / "tests" / "slow"
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if Path(item.fspath).is_relative_to(SLOW):
+            item.add_marker(pytest.mark.slow)

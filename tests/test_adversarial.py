@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import time
 import zlib
 
 import numpy as np
@@ -20,7 +17,7 @@ from fastgpt.checkpoint import load_checkpoint, save_checkpoint
 from fastgpt.files import out_dir_lock
 from fastgpt.cli import UserError
 
-from conftest import ROOT, tiny_flags
+from conftest import tiny_flags
 
 TINY = tiny_flags(n_layer=1, n_embd=16, block_size=8, log_interval=5)
 
@@ -345,63 +342,6 @@ def test_pictures_never_replace_a_file_unasked(trained, tmp_path):
 
 # ---------------------------------------------------------------------------------------------------
 # processes killed at any moment, and full disks
-
-
-KILL_RUN = """
-import resource, signal, sys
-signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit a write fails with EFBIG, as on a full disk
-if len(sys.argv) > 1 and sys.argv[1].startswith("--fsize="):
-    limit = int(sys.argv.pop(1).partition("=")[2])
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-from fastgpt import train
-from fastgpt.cli import run_main
-run_main(train.main, "fastgpt.train")
-"""
-
-
-def train_process(small_corpus, tmp_path, out, *extra):
-    return [sys.executable, "-c", KILL_RUN, *extra, f"--data_file={small_corpus}", f"--data_dir={tmp_path}",
-            f"--out_dir={out}", *TINY, "--eval_interval=3", "--log_interval=1"]
-
-
-@pytest.mark.slow
-def test_a_run_killed_at_any_moment_resumes_or_starts_again(small_corpus, tmp_path):
-    """SIGKILL at several moments (during start-up, training, a checkpoint write): what is left in out_dir
-    is always either nothing a resume needs or a checkpoint that resumes and finishes."""
-    for i, delay in enumerate((0.5, 1.5, 2.5, 3.5, 5.0)):
-        out = tmp_path / f"run{i}"
-        proc = subprocess.Popen(train_process(small_corpus, tmp_path, out, "--max_iters=100000"), cwd=ROOT,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(delay)
-        proc.kill()
-        proc.wait()
-        if (out / "ckpt.pt").exists():
-            ckpt = load_checkpoint(out / "ckpt.pt")
-            result = subprocess.run(train_process(small_corpus, tmp_path, out, f"--max_iters={ckpt['iter_num'] + 3}",
-                                                  "--resume"), cwd=ROOT, capture_output=True, text=True, timeout=300)
-            assert result.returncode == 0, result.stderr[-2000:]
-            assert load_checkpoint(out / "ckpt.pt")["iter_num"] == ckpt["iter_num"] + 3
-            assert not list(out.glob(".*.tmp"))  # what a kill left half written is cleared by the next run
-        else:
-            result = subprocess.run(train_process(small_corpus, tmp_path, out, "--max_iters=3", "--overwrite"),
-                                    cwd=ROOT, capture_output=True, text=True, timeout=300)
-            assert result.returncode == 0, result.stderr[-2000:]
-
-
-@pytest.mark.slow
-def test_a_full_disk_stops_the_run_in_one_line_and_keeps_the_last_checkpoint(small_corpus, tmp_path):
-    out = tmp_path / "out"
-    first = subprocess.run(train_process(small_corpus, tmp_path, out, "--max_iters=3"), cwd=ROOT,
-                           capture_output=True, text=True, timeout=300)
-    assert first.returncode == 0, first.stderr
-    before = (out / "ckpt.pt").read_bytes()
-    limit = len(before) // 2  # the next checkpoint cannot be written whole
-    result = subprocess.run(train_process(small_corpus, tmp_path, out, f"--fsize={limit}", "--max_iters=6",
-                                          "--resume"), cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-    (line,) = result.stderr.strip().splitlines()
-    assert "could not write" in line and "the previous checkpoint is intact" in line
-    assert (out / "ckpt.pt").read_bytes() == before and not list(out.glob(".ckpt.pt.*"))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -116,7 +116,6 @@ def test_sampling_on_cuda_with_and_without_the_cache():
     assert (outs[0] == outs[1]).float().mean() > 0.9  # greedy: the cache changes only summation orders
 
 
-@pytest.mark.slow
 def test_the_whole_trainer_under_reduce_overhead(small_corpus, tmp_path):
     """CUDA graphs around the training step, with evaluation and checkpoints between replays."""
     out = tmp_path / "out"

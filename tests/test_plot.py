@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import one_line_error, tiny_flags
-from fastgpt import attention_maps, compare, plot, train
+from fastgpt import attention_maps, plot, train
 from fastgpt.checkpoint import load_checkpoint, model_from_checkpoint
 from fastgpt.cli import UserError
 
@@ -115,20 +115,6 @@ def test_the_attention_picture_has_a_heatmap_per_layer_and_head(two_runs, tmp_pa
     assert [t.get_text() for t in ax.get_xticklabels()] == list("ROMEO:␣the")
     assert [t.get_text() for t in ax.get_yticklabels()] == list("ROMEO:␣the")
     assert ax.get_images()[0].get_array().shape == (len(ids), len(ids))
-
-
-@pytest.mark.slow
-def test_compare_draws_the_six_models(tmp_path, small_corpus):
-    out = tmp_path / "cmp"
-    assert compare.main([f"--data_file={small_corpus}", f"--data_dir={tmp_path}", f"--out_dir={out}",
-                         *tiny_flags(eval_interval=2, max_iters=2, log_interval=1)]) == 0
-    rows = json.loads((out / "compare.json").read_text())["rows"]
-    fig = plot.compare_figure(rows, [plot.read_run(out / r["model"]) for r in rows])
-    curves, bars = fig.axes
-    assert [t.get_text() for t in curves.get_legend().get_texts()] == [r["model"] for r in rows]
-    assert len(rows) == 6 and len(lines_with_data(curves)) == 6
-    assert [p.get_height() for p in bars.patches] == [r["val_loss"] for r in rows]
-    assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.mark.parametrize("case, message", [

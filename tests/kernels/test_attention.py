@@ -15,9 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-import aot
 from fastgpt import kernels
-from conftest import DEVICE, KERNEL_DTYPES as DTYPES, check_against_fp64, check_kernel_error
+from conftest import rand, DEVICE, KERNEL_DTYPES as DTYPES, check_against_fp64, check_kernel_error
 from fastgpt.model import CausalSelfAttention, GPTConfig, KVCache
 from fastgpt.kernels import attention
 from fastgpt.kernels.attention import HEAD_DIMS, causal_attention_reference, causal_mask
@@ -346,25 +345,6 @@ def test_rejects_mixed_devices_and_oversized_dropout():
 # ahead-of-time compilation for the GPUs
 
 
-@pytest.mark.slow
-def test_aot(aot_compile):
-    rows = aot_compile("fastgpt.kernels.attention")
-    # no register spills anywhere, the presets' head dims (cpu: 32, shakespeare_char: 64) included
-    aot.assert_clean(rows)
-    kinds = {(r["kernel"], r["arch"], r["head_dim"], r["dtype"]) for r in rows}
-    parts = {(r["kernel"], r["arch"], r["head_dim"], r["dtype"], r.get("part")) for r in rows}
-    for kernel, part in (("_attention_fwd_kernel", None), ("_attention_bwd_preprocess_kernel", None),
-                         ("_attention_bwd_kernel", "dkdv"), ("_attention_bwd_kernel", "dq")):
-        for arch in (90, 80):
-            for d in HEAD_DIMS:
-                for dtype in ("fp16", "bf16"):
-                    assert (kernel, arch, d, dtype) in kinds and (kernel, arch, d, dtype, part) in parts
-    for arch, dtype in aot.PRESET_ARCHS.items():  # the presets' head dims on the other architectures
-        assert {(r["head_dim"], r.get("part"), r.get("regime")) for r in rows if (r["arch"], r["dtype"]) == (arch, dtype)
-                } == {(d, part, regime) for d in (32, 64) for part, regime in
-                      ((None, "train"), (None, "decode"), ("dkdv", None), ("dq", None), (None, None))}, arch
-
-
 def test_each_gpu_generation_gets_tiles_that_compile_clean_there():
     """Before sm_80 (a T4: 64 KiB of shared memory) the sm_80/sm_90 tiles spill kilobytes of registers and
     overflow shared memory: 16-bit inputs take small 2-stage tiles there; on sm_100 the dK/dV pipeline is
@@ -396,3 +376,106 @@ def test_auto_backend_falls_back_to_the_reference_outside_the_kernel_limits(monk
     attention.causal_attention(wide, wide, wide)  # more (batch, head) pairs than a grid axis holds
     assert [p is None for p in problems] == [False, True, False, False]
     assert "head_dim in 16, 32, 64, 128, got 48" in problems[0] and "batch * heads <= 65535" in problems[3]
+
+
+# ---------------------------------------------------------------------------------------------------
+# the public entry point (backend auto) against explicit fp64 maths written here
+
+
+def explicit_attention(q, k, v, window):
+    """softmax over the masked score matrix, the mask spelled out entry by entry."""
+    tq, tk, d = q.size(-2), k.size(-2), q.size(-1)
+    scores = q @ k.transpose(-2, -1) / math.sqrt(d)  # (B, H, Tq, Tk)
+    allowed = torch.zeros(tq, tk, dtype=torch.bool)
+    for i in range(tq):
+        position = i + tk - tq  # the queries are the last tq positions of the key sequence
+        for j in range(tk):
+            allowed[i, j] = j <= position and (window is None or j >= position - window + 1)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+
+
+@pytest.mark.api
+@pytest.mark.parametrize("tq, tk", [(1, 1), (7, 7), (65, 65), (1, 7), (3, 7), (1, 65), (20, 65)])
+@pytest.mark.parametrize("window", [None, 1, 3, 64])
+def test_causal_attention_matches_masked_softmax(tq, tk, window):
+    q, k, v = rand(2, 3, tq, 5, seed=1), rand(2, 3, tk, 5, seed=2), rand(2, 3, tk, 5, seed=3)
+    out = kernels.causal_attention(q, k, v, window=window)
+    assert out.shape == (2, 3, tq, 5)
+    torch.testing.assert_close(out, explicit_attention(q, k, v, window))
+
+
+@pytest.mark.api
+def test_causal_attention_decode_step_is_the_last_row_of_the_full_attention():
+    """What KV-cached decoding relies on: one query over all keys is the full result's last row."""
+    q, k, v = rand(1, 2, 9, 4, seed=1), rand(1, 2, 9, 4, seed=2), rand(1, 2, 9, 4, seed=3)
+    for window in (None, 4):
+        full = kernels.causal_attention(q, k, v, window=window)
+        torch.testing.assert_close(kernels.causal_attention(q[:, :, -1:], k, v, window=window), full[:, :, -1:])
+        torch.testing.assert_close(kernels.causal_attention(q[:, :, -3:], k, v, window=window), full[:, :, -3:])
+
+
+@pytest.mark.api
+@pytest.mark.parametrize("tq, tk", [(7, 7), (2, 7), (65, 65)])
+def test_causal_attention_window_at_least_t_is_full_causal(tq, tk):
+    q, k, v = rand(1, 2, tq, 4, seed=1), rand(1, 2, tk, 4, seed=2), rand(1, 2, tk, 4, seed=3)
+    full = kernels.causal_attention(q, k, v, window=None)
+    for window in (tk, tk + 1, 10 * tk):
+        torch.testing.assert_close(kernels.causal_attention(q, k, v, window=window), full)
+    # and a window just short of it does change something, so the comparison above can fail
+    assert not torch.allclose(kernels.causal_attention(q, k, v, window=tk - 1), full)
+
+
+@pytest.mark.api
+@pytest.mark.parametrize("tq, tk, window", [(4, 4, None), (4, 4, 2), (2, 5, None), (2, 5, 2), (1, 3, 1)])
+def test_causal_attention_gradients(tq, tk, window):
+    q = rand(1, 2, tq, 3, seed=1).requires_grad_()
+    k = rand(1, 2, tk, 3, seed=2).requires_grad_()
+    v = rand(1, 2, tk, 3, seed=3).requires_grad_()
+    assert torch.autograd.gradcheck(lambda q, k, v: kernels.causal_attention(q, k, v, 0.0, window), (q, k, v))
+
+
+@pytest.mark.api
+def test_causal_attention_dropout_is_random_and_unbiased():
+    n, t, d, p = 4000, 6, 4, 0.5
+    # one (q, k, v) repeated n times along the batch: every copy draws its own dropout mask
+    q, k = rand(1, 1, t, d, seed=1).expand(n, 1, t, d), rand(1, 1, t, d, seed=2).expand(n, 1, t, d)
+    v = (3.0 + rand(1, 1, t, d, seed=3)).expand(n, 1, t, d)  # far from 0, so a missing 1/(1-p) shows
+    exact = kernels.causal_attention(q[:1], k[:1], v[:1])
+    torch.manual_seed(0)
+    dropped = kernels.causal_attention(q, k, v, dropout_p=p)
+    torch.manual_seed(0)
+    assert torch.equal(kernels.causal_attention(q, k, v, dropout_p=p), dropped)  # seeded: reproducible
+    # row 0 attends only to itself: its output is v[0] / (1 - p) or 0 in every copy
+    assert ((dropped[:, 0] - exact[:, 0]).abs() > 1e-6).float().mean() > 0.9
+    assert 0.4 < (dropped[:, 0, 0] == 0).all(dim=-1).float().mean() < 0.6
+    # unbiased: the mean over copies is the dropout-free output; a copy's std is at most
+    # |v| sqrt(p / (1 - p)) ~ 4.5, so the mean's is ~0.07 and 0.4 is > 5 sigma, while a missing
+    # rescale would be off by ~1.5 (half of v)
+    assert (dropped.mean(dim=0) - exact[0]).abs().max() < 0.4
+
+
+@pytest.mark.parametrize("q_shape, k_shape, v_shape", [
+    ((2, 4, 3), (2, 4, 3), (2, 4, 3)),  # not 4-D
+    ((1, 2, 4, 3), (1, 2, 4, 3), (1, 2, 5, 3)),  # k, v differ
+    ((1, 2, 5, 3), (1, 2, 4, 3), (1, 2, 4, 3)),  # Tq > Tk
+    ((1, 2, 4, 3), (1, 2, 4, 5), (1, 2, 4, 5)),  # head dims differ
+    ((1, 2, 4, 3), (1, 3, 4, 3), (1, 3, 4, 3)),  # head counts differ
+    ((2, 2, 4, 3), (1, 2, 4, 3), (1, 2, 4, 3)),  # batch sizes differ
+])
+@pytest.mark.api
+def test_causal_attention_rejects_bad_shapes(q_shape, k_shape, v_shape):
+    with pytest.raises(ValueError, match=r"causal_attention: expected q \(B, H, Tq, D\).*got q "
+                                         + r"\(" + ", ".join(map(str, q_shape))):
+        kernels.causal_attention(torch.zeros(q_shape), torch.zeros(k_shape), torch.zeros(v_shape))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"dropout_p": 1.0}, "dropout_p must be in"), ({"dropout_p": -0.1}, "dropout_p must be in"),
+    ({"window": 0}, "window must be None or >= 1"), ({"window": -3}, "window must be None or >= 1"),
+])
+@pytest.mark.api
+def test_causal_attention_rejects_bad_arguments(kwargs, message):
+    q = torch.zeros(1, 1, 4, 2)
+    with pytest.raises(ValueError, match=f"causal_attention: {message}"):
+        kernels.causal_attention(q, q, q, **kwargs)

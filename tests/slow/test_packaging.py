@@ -96,7 +96,6 @@ def run_the_pipeline(exe: str, cwd: Path, work: Path, corpus: Path) -> None:
     assert length == "9" and not Path(hf_kernels).resolve().is_relative_to(ROOT)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("where", ["outside", "root"])
 def test_the_editable_install_works_from_any_directory(where, tmp_path, small_corpus):
     """From the root, the bare `kernels` that transformers imports is Hugging Face's, and the ops are ours."""
@@ -104,7 +103,6 @@ def test_the_editable_install_works_from_any_directory(where, tmp_path, small_co
     run_the_pipeline(sys.executable, cwd, tmp_path, small_corpus)
 
 
-@pytest.mark.slow
 def test_the_wheel_installs_only_fastgpt_and_runs_beside_hugging_faces_kernels(tmp_path, small_corpus):
     src = checkout_copy(tmp_path / "src")
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
@@ -127,7 +125,6 @@ def test_the_wheel_installs_only_fastgpt_and_runs_beside_hugging_faces_kernels(t
     run_the_pipeline(exe, tmp_path, tmp_path, small_corpus)
 
 
-@pytest.mark.slow
 def test_an_offline_editable_install_runs_the_report_as_on_the_gpu_machine(tmp_path):
     """The README's GPU preparation: a copy of the checkout, `pip install --no-deps --no-build-isolation -e .`
     with no index, then `python -m bench.report` from it, which imports fastgpt.kernels."""

@@ -14,7 +14,6 @@ from fastgpt import train
 
 from conftest import ROOT, tiny_flags
 
-pytestmark = pytest.mark.slow  # torchrun jobs of two processes each: the full tier
 
 FLAGS = tiny_flags(eval_iters=4, gradient_accumulation_steps=2, eval_interval=10, warmup_iters=0,
                    learning_rate=3e-3, lr_decay_iters=20, dropout=0.1)

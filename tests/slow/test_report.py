@@ -26,7 +26,6 @@ def report_json(out: Path) -> tuple[Path, dict]:
     return path, json.loads(path.read_text())
 
 
-@pytest.mark.slow
 def test_time_to_target_reads_the_time_to_every_target_off_the_runs(small_corpus, tmp_path):
     # run from elsewhere with a relative corpus path: the trainer, started in the repository, still finds it
     proc = run_module("bench.report", "--device=cpu", "--phases=time_to_target", "--budget_s=200", "--max_iters=30",
@@ -52,7 +51,6 @@ def test_time_to_target_reads_the_time_to_every_target_off_the_runs(small_corpus
     assert "--reference" in markdown and path.with_suffix(".log").read_text().count("$ ") == 2
 
 
-@pytest.mark.slow
 def test_a_report_made_over_several_commands_keeps_every_phase(tmp_path):
     """Two calls, the second into another directory with --merge: the report has both calls' phases, its
     benchmarks merged by name (the second call's replacing the first's), and both logs."""
@@ -127,7 +125,6 @@ def report_command(exe: str, tmp_path: Path, budget_s: int) -> list[str]:
             "--data_file=data/tinyshakespeare/input.txt"]
 
 
-@pytest.mark.slow
 def test_the_budget_holds_from_a_fresh_checkout_without_git(tmp_path, small_corpus):
     """Every phase asked for in 40 seconds, which cannot hold them all (the trainer alone would run for
     minutes), from a copy of the checkout with no git: the report ends within a few seconds of the budget,
@@ -150,7 +147,6 @@ def test_the_budget_holds_from_a_fresh_checkout_without_git(tmp_path, small_corp
         assert phase.get("seconds", 0) <= phase.get("share_s", 40) + 2
 
 
-@pytest.mark.slow
 def test_a_report_killed_at_any_moment_leaves_a_readable_report(tmp_path, small_corpus):
     src, exe, env = gpu_machine_stand_in(tmp_path, small_corpus)
     json_path = None
@@ -170,7 +166,6 @@ def test_a_report_killed_at_any_moment_leaves_a_readable_report(tmp_path, small_
     assert json_path is not None
 
 
-@pytest.mark.slow
 def test_a_pytest_phase_cut_at_its_limit_keeps_the_results_it_had(tmp_path):
     """The tests stream their results as they are decided: killed at the time limit, the phase keeps them."""
     from bench.report import Phases

@@ -18,7 +18,6 @@ import torch
 
 from conftest import run_module, tiny_flags
 
-pytestmark = pytest.mark.slow  # a model trained for them and a subprocess per command: the full tier
 from fastgpt.checkpoint import load_checkpoint
 from fastgpt.cli import run_main
 from fastgpt.sample import main
