@@ -126,6 +126,40 @@ def tiny_flags(**changes) -> list[str]:
     return [f"--{name}={value}" for name, value in {**TINY_TRAINER, **changes}.items() if value is not None]
 
 
+# a smaller model still, for the tests that only need a run to exist
+SMALL_TRAINER = tiny_flags(n_layer=1, n_embd=16, block_size=8, log_interval=5)
+
+
+@pytest.fixture
+def trained(small_corpus, tmp_path):
+    """A finished 10-iteration run of SMALL_TRAINER (evaluated at 5 and 10): its out_dir."""
+    from fastgpt import train
+
+    out = tmp_path / "out"
+    assert train.main([f"--data_file={small_corpus}", f"--data_dir={tmp_path}", f"--out_dir={out}",
+                       *SMALL_TRAINER, "--max_iters=10", "--eval_interval=5"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def small_corpus_module(tmp_path_factory):
+    """A ~10 kB text like small_corpus, one per test module (for fixtures of module scope)."""
+    lines = [f"{name}: the {thing} is {mood}, é ☃.\n" for name in ("ROMEO", "JULIET", "NURSE")
+             for thing in ("night", "day", "rose", "moon") for mood in ("bright", "dark", "sweet", "cold")]
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text("".join(lines) * 12, encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def bpe_text(tmp_path):
+    """MIXED three times over, for BPE tests (skipped without the bpe extra)."""
+    pytest.importorskip("tokenizers")
+    path = tmp_path / "text.txt"
+    path.write_text(MIXED * 3, encoding="utf-8")
+    return path
+
+
 @pytest.fixture
 def cli():
     """`cli("fastgpt.train", "--max_iters=1", ...)` runs a module as a subprocess."""

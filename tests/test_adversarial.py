@@ -17,17 +17,7 @@ from fastgpt.checkpoint import load_checkpoint, save_checkpoint
 from fastgpt.files import out_dir_lock
 from fastgpt.cli import UserError
 
-from conftest import tiny_flags
-
-TINY = tiny_flags(n_layer=1, n_embd=16, block_size=8, log_interval=5)
-
-
-@pytest.fixture
-def trained(small_corpus, tmp_path):
-    out = tmp_path / "out"
-    assert train.main([f"--data_file={small_corpus}", f"--data_dir={tmp_path}", f"--out_dir={out}", *TINY,
-                       "--max_iters=10", "--eval_interval=5"]) == 0
-    return out
+from conftest import SMALL_TRAINER as TINY, tiny_flags
 
 
 def resume(out, small_corpus, tmp_path, *extra):

@@ -118,14 +118,6 @@ def test_bad_directories_and_globs_are_user_errors(tmp_path, case, message):
 # the BPE's split and cache
 
 
-@pytest.fixture
-def bpe_text(tmp_path):
-    pytest.importorskip("tokenizers")
-    path = tmp_path / "text.txt"
-    path.write_text(MIXED * 3, encoding="utf-8")
-    return path
-
-
 def test_bpe_splits_the_text_at_90_percent_of_its_bytes(bpe_text, tmp_path):
     corpus = load_corpus(str(bpe_text), tmp_path / "data", tokenizer="bpe", vocab_size=400)
     raw = bpe_text.read_bytes()

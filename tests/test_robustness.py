@@ -14,17 +14,7 @@ from fastgpt.checkpoint import load_checkpoint, save_checkpoint
 from fastgpt.config import parse_train_args
 from fastgpt.cli import UserError
 
-from conftest import ROOT, one_line_error, tiny_flags
-
-TINY = tiny_flags(n_layer=1, n_embd=16, block_size=8, log_interval=5)
-
-
-@pytest.fixture
-def trained(small_corpus, tmp_path):
-    out = tmp_path / "out"
-    assert train.main([f"--data_file={small_corpus}", f"--data_dir={tmp_path}", f"--out_dir={out}", *TINY,
-                       "--max_iters=10", "--eval_interval=5"]) == 0
-    return out
+from conftest import ROOT, SMALL_TRAINER as TINY, one_line_error
 
 
 def test_a_new_run_does_not_replace_an_earlier_one(trained, small_corpus, tmp_path):

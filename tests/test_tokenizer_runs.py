@@ -35,15 +35,6 @@ def bpe_run(tmp_path_factory, small_corpus_module):
     return out, tmp
 
 
-@pytest.fixture(scope="module")
-def small_corpus_module(tmp_path_factory):
-    lines = [f"{name}: the {thing} is {mood}, é ☃.\n" for name in ("ROMEO", "JULIET", "NURSE")
-             for thing in ("night", "day", "rose", "moon") for mood in ("bright", "dark", "sweet", "cold")]
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text("".join(lines) * 12, encoding="utf-8")
-    return path
-
-
 def test_the_bpe_travels_in_the_checkpoint(bpe_run):
     out, _ = bpe_run
     for name in ("ckpt.pt", "best.pt"):

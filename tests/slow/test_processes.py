@@ -14,7 +14,7 @@ import pytest
 
 from fastgpt.checkpoint import load_checkpoint
 
-from conftest import MIXED, ROOT, tiny_flags
+from conftest import ROOT, tiny_flags
 
 TINY = tiny_flags(warmup_iters=5, lr_decay_iters=60)
 SMALL = tiny_flags(n_layer=1, n_embd=16, block_size=8, log_interval=5)
@@ -25,14 +25,6 @@ def read_metrics(out_dir):
     steps = {r["iter"]: r["loss"] for r in records if "loss" in r}
     evals = {r["iter"]: r["val_loss"] for r in records if "val_loss" in r}
     return steps, evals
-
-
-@pytest.fixture
-def bpe_text(tmp_path):
-    pytest.importorskip("tokenizers")
-    path = tmp_path / "text.txt"
-    path.write_text(MIXED * 3, encoding="utf-8")
-    return path
 
 
 KILL_RUN = """

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 
 from fastgpt import compare, plot, train
@@ -23,15 +22,6 @@ def lines_with_data(ax) -> list:
 def losses(out_dir) -> dict[int, float]:
     records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     return {r["iter"]: r["loss"] for r in records if "loss" in r}
-
-
-@pytest.fixture(scope="module")
-def small_corpus_module(tmp_path_factory):
-    lines = [f"{name}: the {thing} is {mood}, é ☃.\n" for name in ("ROMEO", "JULIET", "NURSE")
-             for thing in ("night", "day", "rose", "moon") for mood in ("bright", "dark", "sweet", "cold")]
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text("".join(lines) * 12, encoding="utf-8")
-    return path
 
 
 def test_compare_draws_the_six_models(tmp_path, small_corpus):
