@@ -68,6 +68,7 @@ BENCH_FILTER = {"cuda": "(16384x384 or B64-T256 or test_sample) and not float32"
 # of the phases still to run, so what one phase leaves unused goes to the next
 SHARES = {"smoke": 1.5, "kernel_tests": 2.0, "train_step": 2.5, "kernel_bench": 1.5, "time_to_target": 2.5}
 GRACE_S = 5  # a subprocess gets SIGTERM this long before its time is up (a trainer saves its checkpoint), then SIGKILL
+GRACE_SHARE = 0.1  # ... or this share of its time, when that is less: a short phase is not spent waiting
 MARGIN_S = 3  # kept for writing the report
 MIN_PHASE_S = 5  # a phase is not started with less than this left
 PER_TEST_TIMEOUT_S = 300
@@ -93,7 +94,8 @@ class Budget:
 
 def run(command: list[str], log, timeout: float, env: dict) -> tuple[int | None, float, bool]:
     """Run a command from the repository root in a process group of its own, its output going to the log,
-    for at most `timeout` seconds: GRACE_S before that the group gets SIGTERM, at the end SIGKILL.
+    for at most `timeout` seconds: a grace before that (GRACE_S, or GRACE_SHARE of a short timeout) the
+    group gets SIGTERM, at the end SIGKILL.
     Returns (exit code, seconds, cut)."""
     log.write(f"$ {shlex.join(command)}\n")
     log.flush()
@@ -101,12 +103,12 @@ def run(command: list[str], log, timeout: float, env: dict) -> tuple[int | None,
     started = time.monotonic()
     proc = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
                             start_new_session=True)
-    cut = False
+    cut, grace = False, min(GRACE_S, max(timeout, 0) * GRACE_SHARE)
     try:
-        proc.wait(timeout=max(timeout - GRACE_S, 0))
+        proc.wait(timeout=max(timeout - grace, 0))
     except subprocess.TimeoutExpired:
         cut = True
-        for sig, wait in ((signal.SIGTERM, min(GRACE_S, max(timeout, 0))), (signal.SIGKILL, None)):
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, None)):
             try:
                 os.killpg(proc.pid, sig)
                 proc.wait(timeout=wait)
