@@ -181,18 +181,16 @@ def load_weights(model: LanguageModel, state: dict, path: str | Path, vocab_size
             shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
             raise UserError(f"{path}: {name} has shape {shape}, which does not fit {tuple(target.shape)}: "
                             f"use a checkpoint of this architecture (--block_size, --n_embd, ... as it was trained)")
-        if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
-            raise UserError(f"{path}: {name} is not finite floating-point weights: the checkpoint is damaged, "
-                            f"use another one")
         target[tuple(slice(0, n) for n in tensor.shape)] = tensor
 
 
 def check_resumable_state(ckpt: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                           path: str | Path) -> None:
     """Everything `--resume` loads, checked against the model and optimizer it goes into before any of it
-    is used: the weights' names, shapes and finiteness, the optimizer's groups and per-parameter moments
-    (a moment of the wrong shape makes the fused AdamW read and write out of bounds), the iteration and
-    the best val loss. A UserError names what is wrong."""
+    is used: the weights' names and shapes (their types and finiteness were checked when the checkpoint
+    was read: check_contents), the optimizer's groups and per-parameter moments (a moment of the wrong
+    shape makes the fused AdamW read and write out of bounds), the iteration and the best val loss. A
+    UserError names what is wrong."""
     def damaged(what: str) -> UserError:
         return UserError(f"{path} is damaged ({what}): resume from another checkpoint, or start afresh with "
                          f"--overwrite")
@@ -201,10 +199,8 @@ def check_resumable_state(ckpt: dict, model: torch.nn.Module, optimizer: torch.o
     if not isinstance(weights, dict) or set(weights) != set(own):
         raise damaged("its weights are not this model's")
     for name, tensor in weights.items():
-        if not isinstance(tensor, torch.Tensor) or tensor.shape != own[name].shape or not tensor.is_floating_point():
-            raise damaged(f"{name} is not a floating-point tensor of shape {tuple(own[name].shape)}")
-        if not torch.isfinite(tensor).all():
-            raise damaged(f"{name} holds non-finite values")
+        if tensor.shape != own[name].shape:
+            raise damaged(f"{name} is not a tensor of shape {tuple(own[name].shape)}")
     state = ckpt["optimizer"]
     groups = state.get("param_groups") if isinstance(state, dict) else None
     moments = state.get("state") if isinstance(state, dict) else None
