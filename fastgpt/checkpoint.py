@@ -91,7 +91,7 @@ def check_contents(ckpt: dict, path: Path) -> None:
     """What a checkpoint holds, checked when it is read, before anything is built from it: its model
     config (types and ranges), its train config's types, its tokenizer (and that the model has a row for
     every token), and its weights (floating-point, finite)."""
-    from fastgpt.config import TrainConfig
+    from fastgpt.config import MAX_PAD_VOCAB, TrainConfig
     from fastgpt.model import MODELS
 
     if "model_config" in ckpt:
@@ -99,7 +99,8 @@ def check_contents(ckpt: dict, path: Path) -> None:
         config = GPTConfig(**ckpt["model_config"])
         sizes = (config.vocab_size, config.block_size, config.n_layer, config.n_head, config.n_embd)
         if min(sizes) < 1 or config.n_embd % config.n_head or not 0 <= config.dropout < 1 or (
-                config.attn_window is not None and config.attn_window < 1) or config.model not in MODELS:
+                config.attn_window is not None and config.attn_window < 1) or config.model not in MODELS or not (
+                1 <= config.pad_vocab <= MAX_PAD_VOCAB):
             raise UserError(f"{path} is damaged (its model_config describes no model: {ckpt['model_config']}): "
                             f"use another checkpoint")
         state = tokenizer_state(ckpt) if "tokenizer" in ckpt or "vocab" in ckpt else None
@@ -172,15 +173,21 @@ def load_weights(model: LanguageModel, state: dict, path: str | Path, vocab_size
         raise UserError(f"{path} holds weights of another architecture: fine-tune with a checkpoint of "
                         f"the same --model")
     old_vocab, new_vocab = vocab_size, model.config.vocab_size
+    vocab_dims = model.vocab_dims()
     for name, tensor in state.items():
         target = own[name]
-        # only the vocabulary may have grown (--extend_vocab): any other size must be the model's own
+        grown = vocab_dims.get(name, ()) if old_vocab != new_vocab else ()
+        # only the vocabulary may have grown (--extend_vocab): any other size must be the model's own; the
+        # old tokens' rows are copied, the new ones (and the output layer's padding) keep their initialisation
         fits = isinstance(tensor, torch.Tensor) and tensor.dim() == target.dim() and all(
-            a == b or (a == old_vocab and b == new_vocab and a < b) for a, b in zip(tensor.shape, target.shape))
+            (a >= old_vocab and b >= new_vocab > old_vocab) if d in grown else a == b
+            for d, (a, b) in enumerate(zip(tensor.shape, target.shape)))
         if not fits:
             shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
             raise UserError(f"{path}: {name} has shape {shape}, which does not fit {tuple(target.shape)}: "
                             f"use a checkpoint of this architecture (--block_size, --n_embd, ... as it was trained)")
+        for d in grown:
+            tensor = tensor.narrow(d, 0, old_vocab)
         target[tuple(slice(0, n) for n in tensor.shape)] = tensor
 
 

@@ -15,6 +15,8 @@ from fastgpt.tokenizer import KINDS
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 MAX_BPE_VOCAB = 1 << 20
+MAX_PAD_VOCAB = 4096
+PAD_VOCAB_CUDA = 64  # tensor cores and cuBLAS tiles like a multiple of 64 rows (nanoGPT's 50304)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -42,6 +44,7 @@ class TrainConfig:
     dropout: float = 0.2  # dropout rate in training
     bias: bool = False  # biases in Linear and LayerNorm layers
     attn_window: int | None = None  # sliding attention window (None = full causal)
+    pad_vocab: int | None = None  # round the output layer up to a multiple of this many tokens (never predicted); None = 64 on CUDA, 1 elsewhere
     learning_rate: float = 1e-3  # peak learning rate
     max_iters: int = 5000  # total optimizer steps
     target_val_loss: float | None = None  # stop at the first evaluation whose val loss is at or below this
@@ -66,7 +69,14 @@ class TrainConfig:
 
     def model_config(self, vocab_size: int) -> GPTConfig:
         """The GPTConfig these settings describe, for a corpus of vocab_size characters."""
-        return GPTConfig(vocab_size=vocab_size, **{name: getattr(self, name) for name in MODEL_FIELDS})
+        fields = {name: getattr(self, name) for name in MODEL_FIELDS}
+        return GPTConfig(vocab_size=vocab_size, **fields | {"pad_vocab": self.pad_vocab or 1})
+
+    def for_device(self, device_type: str) -> TrainConfig:
+        """These settings with the defaults that depend on the device filled in (pad_vocab)."""
+        if self.pad_vocab is not None:
+            return self
+        return dataclasses.replace(self, pad_vocab=PAD_VOCAB_CUDA if device_type == "cuda" else 1)
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):
@@ -102,6 +112,8 @@ class TrainConfig:
             raise UserError(f"--n_embd={self.n_embd} must be a multiple of --n_head={self.n_head}")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.pad_vocab is not None and not 1 <= self.pad_vocab <= MAX_PAD_VOCAB:
+            raise UserError(f"--pad_vocab must be between 1 and {MAX_PAD_VOCAB}, got {self.pad_vocab}")
         if self.attn_window is not None and self.attn_window < 1:
             raise UserError(f"--attn_window must be >= 1 or None, got {self.attn_window}")
         if self.learning_rate <= 0 or self.min_lr < 0 or self.min_lr > self.learning_rate:

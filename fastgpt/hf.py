@@ -34,7 +34,7 @@ def require_transformers():
 
 def hf_state(model) -> dict[str, torch.Tensor]:
     """fastgpt's GPT weights under GPT-2's names and layouts, with zero biases where it has none."""
-    state = {name: t.detach().clone() for name, t in model.state_dict().items()}
+    state = {name: t.detach().clone() for name, t in model.trimmed_state_dict().items()}
     for name in list(state):
         if name.endswith(CONV1D):
             state[name] = state[name].t().contiguous()  # nn.Linear (out, in) -> Conv1D (in, out)

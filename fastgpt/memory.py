@@ -36,7 +36,18 @@ def parameters(config: GPTConfig) -> int:
     if config.model == "bigram":
         return config.vocab_size ** 2
     c = config.n_embd
-    return 12 * config.n_layer * c * c + (config.vocab_size + config.block_size) * c
+    return 12 * config.n_layer * c * c + (config.output_size + config.block_size) * c
+
+
+def loss_floats(config: GPTConfig, tokens: int) -> int:
+    """The floats the loss holds at once: the logits with their softmax and gradient, or with the fused
+    loss (kernels.linear_cross_entropy, chosen by size) a chunk's logits and the weight's gradient."""
+    from fastgpt.kernels.linear_cross_entropy import chunk_rows, plain_is_chosen
+
+    width = config.output_size
+    if config.model == "bigram" or plain_is_chosen(tokens, width):
+        return 3 * tokens * width
+    return 3 * chunk_rows(tokens, width) * width + (tokens + width) * config.n_embd
 
 
 def gib(n: int) -> str:
@@ -59,15 +70,15 @@ def check_model(config: GPTConfig, device: torch.device, source: str) -> None:
 def check_training(config: GPTConfig, batch_size: int, device: torch.device) -> None:
     """Weights, gradients and AdamW's two moments (4 floats a parameter), and one micro-batch's
     activations: per token and layer ~20 C floats and a row of attention probabilities (H x T, which the
-    reference path materialises), and the logits with their softmax and gradient. The bigram model, a
+    reference path materialises), and the loss's (`loss_floats`). The bigram model, a
     vocab x vocab table, is kept to MAX_BIGRAM_VOCAB tokens whatever the machine."""
     if config.model == "bigram" and config.vocab_size > MAX_BIGRAM_VOCAB:
         raise UserError(f"the bigram model is a vocab x vocab table: {config.vocab_size} tokens make it "
                         f"{config.vocab_size ** 2 / 1e6:,.0f}M parameters: train it on at most {MAX_BIGRAM_VOCAB} "
                         f"tokens (--tokenizer=char, or bpe with a smaller --vocab_size), or choose another --model")
     tokens = batch_size * config.block_size
-    per_token = config.n_layer * (20 * config.n_embd + config.n_head * config.block_size) + 3 * config.vocab_size
-    needed = (4 * parameters(config) + tokens * per_token) * FLOAT
+    per_token = config.n_layer * (20 * config.n_embd + config.n_head * config.block_size)
+    needed = (4 * parameters(config) + tokens * per_token + loss_floats(config, tokens)) * FLOAT
     refuse(needed, device, f"training this model ({config.n_layer} layers of {config.n_embd}, block "
            f"{config.block_size}) on batches of {batch_size}",
            "lower --batch_size or --block_size, or train a smaller model (--n_layer, --n_embd)")

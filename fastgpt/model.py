@@ -45,6 +45,16 @@ class GPTConfig:
     bias: bool = False  # biases in Linear and LayerNorm layers
     attn_window: int | None = None  # sliding attention window; None = full causal attention
     model: str = "gpt"  # step of the lecture's progression, one of MODELS
+    pad_vocab: int = 1  # the output layer's rows rounded up to a multiple of this (64 on GPUs: nanoGPT's 50304)
+
+    @property
+    def output_size(self) -> int:
+        """Rows of the output layer: vocab_size rounded up to a multiple of pad_vocab. The padding rows are
+        never predicted (masked out of the loss, trimmed off the logits, dropped on export). The bigram
+        model's table is its own output and is not padded."""
+        if self.model == "bigram":
+            return self.vocab_size
+        return -(-self.vocab_size // self.pad_vocab) * self.pad_vocab
 
 
 class LayerNorm(nn.Module):
@@ -141,7 +151,8 @@ class Block(nn.Module):
 
 class LanguageModel(nn.Module):
     """What every model of the progression shares: the loss, generation with a KV cache, the
-    optimizer's parameter groups, parameter and FLOP counts. Subclasses define `logits`."""
+    optimizer's parameter groups, parameter and FLOP counts. Subclasses define `hidden` and, when they
+    have one, the output layer `lm_head` (None: `hidden` gives the logits themselves)."""
 
     n_attention_layers = 0  # attention layers, each with its own KV cache
 
@@ -149,9 +160,32 @@ class LanguageModel(nn.Module):
         super().__init__()
         self.config = config
 
-    def logits(self, idx: torch.Tensor, cache: list[KVCache] | None, pos: int) -> torch.Tensor:
-        """Next-token logits (B, T, vocab_size) for token ids idx (B, T) at positions pos..pos+T-1."""
+    def hidden(self, idx: torch.Tensor, cache: list[KVCache] | None, pos: int) -> torch.Tensor:
+        """What the output layer reads, (B, T, C), for token ids idx (B, T) at positions pos..pos+T-1 (the
+        logits themselves for a model without an output layer)."""
         raise NotImplementedError
+
+    def logits(self, idx: torch.Tensor, cache: list[KVCache] | None = None, pos: int = 0) -> torch.Tensor:
+        """Next-token logits (B, T, vocab_size) for token ids idx (B, T) at positions pos..pos+T-1 (the
+        padding rows of the output layer left out)."""
+        h = self.hidden(idx, cache, pos)
+        if self.lm_head is None:
+            return h
+        logits = self.lm_head(h)
+        return logits[..., :self.config.vocab_size] if logits.size(-1) > self.config.vocab_size else logits
+
+    def vocab_dims(self) -> dict[str, tuple[int, ...]]:
+        """The weights (state_dict names) that have a row or column per token, and which of their
+        dimensions those are: what a grown vocabulary extends and an export trims to vocab_size."""
+        return {}
+
+    def trimmed_state_dict(self) -> dict[str, torch.Tensor]:
+        """state_dict() without the output layer's padding rows (what exports write)."""
+        state = self.state_dict()
+        for name, dims in self.vocab_dims().items():
+            for dim in dims:
+                state[name] = state[name].narrow(dim, 0, self.config.vocab_size)
+        return state
 
     def forward(
         self,
@@ -160,19 +194,23 @@ class LanguageModel(nn.Module):
         cache: list[KVCache] | None = None,
         pos: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits for token ids idx (B, T), and the mean cross-entropy against targets (B, T) if given.
+        """(logits, None) for token ids idx (B, T); given targets (B, T), (None, their mean cross-entropy).
 
-        With `cache` (from `new_cache`), idx holds positions pos..pos+T-1 and the keys and values of
-        the earlier positions come from the cache.
+        The loss is computed with the output layer (kernels.linear_cross_entropy, fused where the
+        logits would be large), so the logits are not returned with it: call the model without
+        targets for them. With `cache` (from `new_cache`), idx holds positions pos..pos+T-1 and the
+        keys and values of the earlier positions come from the cache.
         """
         T = idx.size(1)
         if pos + T > self.config.block_size:
             raise ValueError(f"sequence of length {pos + T} exceeds block_size {self.config.block_size}")
-        logits = self.logits(idx, cache, pos)  # (B, T, vocab_size)
         if targets is None:
-            return logits, None
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
-        return logits, loss
+            return self.logits(idx, cache, pos), None  # (B, T, vocab_size)
+        h = self.hidden(idx, cache, pos)
+        if self.lm_head is None:
+            return None, F.cross_entropy(h.view(-1, h.size(-1)), targets.reshape(-1))
+        return None, kernels.linear_cross_entropy(h, self.lm_head.weight, targets, self.lm_head.bias,
+                                                  n_classes=self.config.vocab_size)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -266,10 +304,14 @@ class BigramLanguageModel(LanguageModel):
     def __init__(self, config: GPTConfig):
         super().__init__(config)
         self.token_embedding_table = nn.Embedding(config.vocab_size, config.vocab_size)
+        self.lm_head = None  # the table's rows are the logits
         self.apply(self._init_weights)
 
-    def logits(self, idx: torch.Tensor, cache: list[KVCache] | None, pos: int) -> torch.Tensor:
-        return self.token_embedding_table(idx)  # (B, T, vocab_size)
+    def hidden(self, idx: torch.Tensor, cache: list[KVCache] | None, pos: int) -> torch.Tensor:
+        return self.token_embedding_table(idx)  # (B, T, vocab_size): the logits
+
+    def vocab_dims(self) -> dict[str, tuple[int, ...]]:
+        return {"token_embedding_table.weight": (0, 1)}
 
 
 class AttentionLanguageModel(LanguageModel):
@@ -284,16 +326,20 @@ class AttentionLanguageModel(LanguageModel):
         self.position_embedding_table = nn.Embedding(config.block_size, config.n_embd)
         self.sa_heads = CausalSelfAttention(dataclasses.replace(config, n_head=n_head))
         self.ffwd = MLP(config) if feedforward else None
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=config.bias)
+        self.lm_head = nn.Linear(config.n_embd, config.output_size, bias=config.bias)
         self.apply(self._init_weights)
 
-    def logits(self, idx: torch.Tensor, cache: list[KVCache] | None, pos: int) -> torch.Tensor:
+    def vocab_dims(self) -> dict[str, tuple[int, ...]]:
+        dims = {"token_embedding_table.weight": (0,), "lm_head.weight": (0,)}
+        return dims | ({"lm_head.bias": (0,)} if self.lm_head.bias is not None else {})
+
+    def hidden(self, idx: torch.Tensor, cache: list[KVCache] | None, pos: int) -> torch.Tensor:
         positions = torch.arange(pos, pos + idx.size(1), dtype=torch.long, device=idx.device)  # (T,)
         x = self.token_embedding_table(idx) + self.position_embedding_table(positions)  # (B, T, C)
         x = self.sa_heads(x, None if cache is None else cache[0], pos)
         if self.ffwd is not None:
             x = self.ffwd(x)
-        return self.lm_head(x)  # (B, T, vocab_size)
+        return x
 
 
 class GPT(LanguageModel):
@@ -303,13 +349,13 @@ class GPT(LanguageModel):
         super().__init__(config)
         self.n_attention_layers = config.n_layer
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wte=nn.Embedding(config.output_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=LayerNorm(config.n_embd, bias=config.bias),
         ))
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.n_embd, config.output_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying
         self.apply(self._init_weights)
         # GPT-2's scaled init of the projections that write into the residual stream
@@ -317,12 +363,15 @@ class GPT(LanguageModel):
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
-    def logits(self, idx: torch.Tensor, cache: list[KVCache] | None, pos: int) -> torch.Tensor:
+    def vocab_dims(self) -> dict[str, tuple[int, ...]]:
+        return {"transformer.wte.weight": (0,), "lm_head.weight": (0,)}
+
+    def hidden(self, idx: torch.Tensor, cache: list[KVCache] | None, pos: int) -> torch.Tensor:
         positions = torch.arange(pos, pos + idx.size(1), dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))  # (B, T, C)
         for i, block in enumerate(self.transformer.h):
             x = block(x, None if cache is None else cache[i], pos)
-        return self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab_size)
+        return self.transformer.ln_f(x)
 
 
 def build_model(config: GPTConfig) -> LanguageModel:

@@ -77,7 +77,7 @@ def to_nanogpt(ckpt: dict, path: Path, out: Path) -> list[Path]:
     config = model.config
     model_args = {name: getattr(config, name) for name in NANOGPT_ARGS}
     payload = {
-        "model": {name: t.clone() for name, t in model.state_dict().items()},
+        "model": {name: t.clone() for name, t in model.trimmed_state_dict().items()},
         "model_args": model_args,
         "iter_num": int(ckpt.get("iter_num", 0)),
         "best_val_loss": best_val_loss(ckpt),

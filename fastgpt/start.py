@@ -17,6 +17,7 @@ from fastgpt.cli import UserError
 from fastgpt.config import ARCHITECTURE_FIELDS, TrainConfig
 from fastgpt.device import set_device_rng_state
 from fastgpt.distributed import World
+from fastgpt.model import GPTConfig
 
 # what a resumable checkpoint holds
 RESUME_KEYS = ("model", "model_config", "vocab", "optimizer", "train_config", "rng", "iter_num")
@@ -100,6 +101,7 @@ def load_into(start: Start, model: torch.nn.Module, optimizer: torch.optim.Optim
 def adopt_architecture(cfg: TrainConfig, given: set[str], saved: dict, source: str) -> TrainConfig:
     """cfg with the model-shape fields of a checkpoint's model config; a flag given on the command
     line that contradicts them is a UserError."""
+    saved = dataclasses.asdict(GPTConfig(**saved))  # an older checkpoint lacks the newer fields: their defaults
     for name in ARCHITECTURE_FIELDS:
         if name in given and getattr(cfg, name) != saved[name]:
             raise UserError(f"--{name}={getattr(cfg, name)} differs from {source}'s {saved[name]}: drop the "

@@ -192,7 +192,7 @@ class Run:
 
 def setup(start: Start, world: World) -> Run:
     """Data, model and optimizer, with the start's weights and state (resumed or fine-tuned)."""
-    cfg, device = start.cfg, world.device
+    cfg, device = start.cfg.for_device(world.device.type), world.device
     if cfg.tensorboard:
         summary_writer_class()  # a missing extra is said before the corpus is read
     kernels.set_backend("reference" if cfg.reference else "auto")

@@ -26,7 +26,9 @@ else:
     from fastgpt.kernels.attention import causal_attention
     from fastgpt.kernels.dispatch import backend, get_backend, set_backend
     from fastgpt.kernels.layer_norm import add_layer_norm, layer_norm
+    from fastgpt.kernels.linear_cross_entropy import linear_cross_entropy
     from fastgpt.kernels.linear_gelu import linear_gelu
 
-    __all__ = ["add_layer_norm", "backend", "causal_attention", "get_backend", "layer_norm", "linear_gelu",
+    __all__ = ["add_layer_norm", "backend", "causal_attention", "get_backend", "layer_norm", "linear_cross_entropy",
+               "linear_gelu",
                "set_backend"]

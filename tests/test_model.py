@@ -37,21 +37,20 @@ def shakespeare_model() -> GPT:
 def test_forward_shapes_and_loss():
     model = tiny(dtype=torch.float32)
     idx, targets = tokens(3, 7), tokens(3, 7, seed=2)
-    logits, loss = model(idx, targets)
-    assert logits.shape == (3, 7, 11)
-    assert loss.shape == ()
+    no_logits, loss = model(idx, targets)
+    assert no_logits is None  # the loss is computed with the output layer: call without targets for logits
+    assert loss.shape == () and loss.dtype == torch.float32
     # at init the logits are ~0, so the loss is ~ln(vocab)
     assert abs(loss.item() - math.log(11)) < 0.1
-    logits_alone, none = model(idx)
-    assert none is None
-    torch.testing.assert_close(logits_alone, logits)
+    logits, none = model(idx)
+    assert none is None and logits.shape == (3, 7, 11)
 
 
 def test_loss_is_the_mean_cross_entropy_of_the_logits():
     model = tiny()
     idx, targets = tokens(2, 5), tokens(2, 5, seed=2)
-    logits, loss = model(idx, targets)
-    log_probs = torch.log_softmax(logits, dim=-1)
+    loss = model(idx, targets)[1]
+    log_probs = torch.log_softmax(model(idx)[0], dim=-1)
     torch.testing.assert_close(loss, -log_probs.gather(-1, targets[..., None]).mean())
 
 

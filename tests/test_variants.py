@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 
 import pytest
@@ -29,7 +30,7 @@ def test_forward_backward_shapes(name):
     model = tiny(name)
     idx = torch.randint(TINY.vocab_size, (3, TINY.block_size))
     logits, loss = model(idx, idx)
-    assert logits.shape == (3, TINY.block_size, TINY.vocab_size) and loss.shape == ()
+    assert logits is None and loss.shape == ()
     loss.backward()
     for pname, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), pname
@@ -132,3 +133,52 @@ def test_compare_help_lists_the_trainer_flags_with_its_own_defaults(capsys):
         compare.main(["--help"])
     text = str(shown.value)
     assert "python -m fastgpt.compare" in text and "'out-compare'" in text and "--max_iters" in text
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_the_fused_loss_is_the_plain_one_with_every_gradient(name, monkeypatch):
+    """Forced to chunks of 16 rows (as a GPT-2 vocabulary would be), every model's loss and gradients are
+    those of the whole logits' cross-entropy."""
+    lce = importlib.import_module("fastgpt.kernels.linear_cross_entropy")  # kernels.linear_cross_entropy is the op
+
+    def loss_and_grads(model):
+        model.zero_grad()
+        loss = model(idx, targets)[1]
+        loss.backward()
+        return [loss] + [p.grad.clone() for p in model.parameters()]
+
+    idx, targets = torch.randint(TINY.vocab_size, (3, TINY.block_size)), torch.randint(TINY.vocab_size, (3, TINY.block_size))
+    model = tiny(name, dropout=0.0).double()
+    plain = loss_and_grads(model)
+    monkeypatch.setattr(lce, "PLAIN_MAX_BYTES", 0)
+    monkeypatch.setattr(lce, "CHUNK_BYTES", 16 * 4 * model.config.output_size)
+    assert lce.chunk_rows(idx.numel(), model.config.output_size) == 16
+    fused = loss_and_grads(model)
+    for a, b in zip(plain, fused):
+        torch.testing.assert_close(a, b.to(a.dtype), rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_padding_the_vocabulary_changes_no_prediction(name):
+    """pad_vocab=64 rounds the output layer up (11 -> 64 rows); the padding is never predicted: the logits,
+    the samples and the loss are those of the same weights without it, and the export drops it."""
+    from fastgpt.model import build_model
+
+    padded = tiny(name, pad_vocab=64, dropout=0.0)
+    plain = build_model(dataclasses.replace(TINY, model=name, dropout=0.0))
+    plain.load_state_dict(padded.trimmed_state_dict())
+    head = padded.lm_head
+    if head is not None:
+        assert head.weight.shape[0] == 64 and padded.config.output_size == 64
+        with torch.no_grad():
+            head.weight[TINY.vocab_size:] = 10.0  # the padding rows would win every softmax if they counted
+    idx = torch.randint(TINY.vocab_size, (2, TINY.block_size))
+    torch.testing.assert_close(padded(idx)[0], plain(idx)[0])
+    torch.testing.assert_close(padded(idx, idx)[1], plain(idx, idx)[1])
+    g = torch.Generator().manual_seed(3)
+    sample = padded.generate(idx[:, :3], 20, generator=g)
+    assert sample.max() < TINY.vocab_size
+    assert torch.equal(sample, plain.generate(idx[:, :3], 20, generator=torch.Generator().manual_seed(3)))
+    padded(idx, idx)[1].backward()
+    if head is not None:
+        assert not head.weight.grad[TINY.vocab_size:].any()

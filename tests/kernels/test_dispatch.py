@@ -125,4 +125,4 @@ def test_cpu_tensors_run_the_reference(name, op):
 
 def test_public_api():
     assert sorted(kernels.__all__) == sorted(["add_layer_norm", "backend", "causal_attention", "get_backend",
-                                              "layer_norm", "linear_gelu", "set_backend"])
+                                              "layer_norm", "linear_cross_entropy", "linear_gelu", "set_backend"])

@@ -11,6 +11,7 @@ from fastgpt.kernels.attention import HEAD_DIMS
 from fastgpt.kernels.layer_norm import MAX_N, _tile
 
 linear_gelu_module = importlib.import_module("fastgpt.kernels.linear_gelu")  # kernels.linear_gelu is the op
+lce_module = importlib.import_module("fastgpt.kernels.linear_cross_entropy")  # kernels.linear_cross_entropy is the op
 
 
 def test_layer_norm_compiles_every_configuration_for_sm90_and_sm80(aot_compile):
@@ -61,3 +62,15 @@ def test_attention_compiles_every_configuration(aot_compile):
         assert {(r["head_dim"], r.get("part"), r.get("regime")) for r in rows if (r["arch"], r["dtype"]) == (arch, dtype)
                 } == {(d, part, regime) for d in (32, 64) for part, regime in
                       ((None, "train"), (None, "decode"), ("dkdv", None), ("dq", None), (None, None))}, arch
+
+
+def test_linear_cross_entropy_compiles_every_configuration(aot_compile):
+    rows = aot_compile("fastgpt.kernels.linear_cross_entropy")
+    aot.assert_clean(rows)
+    for arch in (90, 80):  # every block the launcher picks, with and without the gradient, in each dtype
+        for dtype in ("bf16", "fp16", "fp32"):
+            found = {(r["block"], r["grad"]) for r in rows if (r["arch"], r["dtype"]) == (arch, dtype)}
+            assert found == {(b, g) for b, _ in lce_module._BLOCKS for g in (True, False)}, (arch, dtype)
+    for arch, dtype in aot.PRESET_ARCHS.items():  # GPT-2's vocabulary on the other architectures
+        assert {(r["block"], r["grad"]) for r in rows if r["arch"] == arch} == {
+            (lce_module._BLOCKS[-1][0], g) for g in (True, False)}, arch
