@@ -25,6 +25,7 @@ from fastgpt.data import Batches, Corpus, load_corpus
 from fastgpt.device import keep_freed_memory, peak_flops, resolve_dtype, rng_states, synchronize
 from fastgpt.distributed import World
 from fastgpt.files import out_dir_lock
+from fastgpt.kernels.linear_cross_entropy import describe as describe_loss
 from fastgpt.metrics import Metrics, summary_writer_class
 from fastgpt.model import build_model
 from fastgpt.sample import complete
@@ -248,8 +249,18 @@ def announce(run: Run, start: Start) -> None:
              else f"{steps} micro-batches of {cfg.batch_size}" if steps > 1 else f"batch {cfg.batch_size}")
     run.log(f"device {run.device}{f' x {world.size} processes' if world.size > 1 else ''}, {run.dtype}, compile "
             f"{'on' if run.use_compile else 'off'}, kernels {'reference' if cfg.reference else 'auto'}, {batch}, "
-            f"{run.tokens_per_iter:,} tokens/iter"
+            f"{run.tokens_per_iter:,} tokens/iter, loss {loss_path(run)}"
             + (f", resuming at iter {run.state.iter_num}" if run.state.resumed else ""))
+
+
+def loss_path(run: Run) -> str:
+    """How the loss is computed: unfused, or fused with the output layer (kernels.linear_cross_entropy),
+    with the output layer's padding if it has one."""
+    config = run.raw_model.config
+    if run.raw_model.lm_head is None:
+        return "unfused (the bigram table is the logits)"
+    padded = f", output layer padded to {config.output_size}" if config.output_size > config.vocab_size else ""
+    return describe_loss(run.cfg.batch_size * config.block_size, config.output_size, run.device) + padded
 
 
 @torch.no_grad()

@@ -58,6 +58,16 @@ def chunk_rows(rows: int, width: int) -> int:
     return max(1, min(rows, 1 << (fit.bit_length() - 1)))
 
 
+def describe(rows: int, width: int, device: torch.device) -> str:
+    """How the current backend computes a loss over `rows` rows of `width` logits on `device`, in words (the
+    trainer's start line says it)."""
+    backend = get_backend()
+    if backend != "triton" and plain_is_chosen(rows, width):
+        return "unfused"
+    kernel = backend == "triton" or (backend == "auto" and device.type == "cuda")
+    return f"fused ({'Triton' if kernel else 'PyTorch'}, chunks of {chunk_rows(rows, width)} rows)"
+
+
 def linear_cross_entropy_plain(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                                bias: torch.Tensor | None = None, ignore_index: int = -100,
                                n_classes: int | None = None) -> torch.Tensor:

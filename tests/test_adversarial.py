@@ -345,6 +345,8 @@ CONTENT_DAMAGES = {
     "model_config not a mapping": lambda c: c.update(model_config=None),
     "model_config huge vocabulary": lambda c: c["model_config"].update(vocab_size=10**12),
     "model_config unknown model": lambda c: c["model_config"].update(model="transformer-xl"),
+    "model_config no padding multiple": lambda c: c["model_config"].update(pad_vocab=0),
+    "model_config padding past the limit": lambda c: c["model_config"].update(pad_vocab=2**40),
     "NaN weights": lambda c: next(iter(c["model"].values())).fill_(float("nan")),
     "weights not tensors": lambda c: c["model"].update({next(iter(c["model"])): [1.0]}),
     "tokenizer vocabulary not text": lambda c: c.update(tokenizer={"kind": "char", "vocab": 5}),

@@ -170,6 +170,8 @@ def test_bad_flags_are_user_errors(argv, message):
     (["--dropout=-0.1"], r"--dropout must be in \[0, 1\)"),
     (["--dropout=nan"], r"--dropout must be a finite number, got nan"),
     (["--attn_window=0"], r"--attn_window must be >= 1 or None, got 0"),
+    (["--pad_vocab=0"], r"--pad_vocab must be between 1 and 4096, got 0"),
+    (["--pad_vocab=5000"], r"--pad_vocab must be between 1 and 4096, got 5000"),
     (["--grad_clip=-1"], r"--grad_clip and --weight_decay must be >= 0"),
     (["--weight_decay=-0.1"], r"--grad_clip and --weight_decay must be >= 0"),
     (["--dtype=float8"], r"--dtype must be auto, float32, bfloat16 or float16, got 'float8'"),

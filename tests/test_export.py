@@ -28,11 +28,11 @@ PROMPT = "JULIET: the rose"
 NANOGPT_KEYS = {"model", "model_args", "iter_num", "best_val_loss", "config"}
 
 
-def make_checkpoint(path, tokenizer, bias=True, model="gpt", attn_window=None, seed=0):
+def make_checkpoint(path, tokenizer, bias=True, model="gpt", attn_window=None, seed=0, pad_vocab=1):
     """A fastgpt checkpoint of a small random model with `tokenizer` (weights scaled up so its logits
     are far from ties)."""
     config = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=32, n_layer=2, n_head=2, n_embd=32,
-                       dropout=0.0, bias=bias, model=model, attn_window=attn_window)
+                       dropout=0.0, bias=bias, model=model, attn_window=attn_window, pad_vocab=pad_vocab)
     torch.manual_seed(seed)
     net = build_model(config)
     with torch.no_grad():
@@ -90,6 +90,30 @@ def test_transformers_loads_the_hf_export_with_our_logits_and_text(tmp_path, tok
     assert hf_tok.decode(theirs) == tokenizer.decode(theirs)
     if kind == "gpt2":
         assert hf_tok.eos_token == "<|endoftext|>" and hf_tok.eos_token_id == tokenizer.vocab_size - 1
+
+
+@pytest.mark.parametrize("kind", ["char", "gpt2"])
+def test_a_padded_output_layer_is_trimmed_by_both_exports(tmp_path, tokenizers_by_kind, kind):
+    """A checkpoint trained on CUDA has its output layer padded to a multiple of 64 rows: the HF export and
+    the nanoGPT export hold vocab_size rows and give the same logits; imported back it is unpadded."""
+    transformers = pytest.importorskip("transformers")
+    tokenizer = tokenizers_by_kind[kind]
+    ckpt = make_checkpoint(tmp_path / "best.pt", tokenizer, pad_vocab=64)
+    ours, _ = model_from_checkpoint(load_checkpoint(ckpt), ckpt)
+    assert ours.lm_head.weight.shape[0] == -(-tokenizer.vocab_size // 64) * 64 > tokenizer.vocab_size
+    assert export.main([f"--checkpoint={ckpt}", "--format=hf", f"--out={tmp_path / 'hf'}"]) == 0
+    assert export.main([f"--checkpoint={ckpt}", "--format=nanogpt", f"--out={tmp_path / 'nano'}"]) == 0
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    nano = torch.load(tmp_path / "nano" / "ckpt.pt", weights_only=True)
+    assert nano["model"]["lm_head.weight"].shape[0] == nano["model_args"]["vocab_size"] == tokenizer.vocab_size
+    nano_model = build_model(GPTConfig(**nano["model_args"]))
+    nano_model.load_state_dict(nano["model"])
+    x = torch.tensor([tokenizer.encode(PROMPT).tolist()])
+    with torch.no_grad():
+        expected = ours(x)[0]
+        assert expected.shape[-1] == tokenizer.vocab_size
+        assert (hf(x).logits - expected).abs().max() <= 1e-4
+        assert torch.equal(nano_model.eval()(x)[0], expected)
 
 
 def test_hf_export_of_a_model_without_biases_has_zero_biases(tmp_path, tokenizers_by_kind):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from fastgpt import train
-from fastgpt.checkpoint import load_checkpoint
+from fastgpt.checkpoint import load_checkpoint, model_from_checkpoint
 from fastgpt.cli import CommandFailed, UserError
 from fastgpt.config import PRESETS
 from fastgpt.device import peak_flops, resolve_dtype
@@ -283,3 +284,31 @@ def test_mfu_peak_matches_the_device_name(monkeypatch, name, dtype, peak):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     assert peak_flops(torch.device("cuda"), dtype) == peak
     assert peak_flops(torch.device("cpu"), dtype) is None
+
+
+def test_a_run_on_the_fused_loss_with_a_padded_vocabulary(small_corpus, tmp_path, monkeypatch, capsys):
+    """The trainer with the loss forced into chunks (as GPT-2's vocabulary would be) and the output layer
+    padded (as on CUDA): its start line says so, its losses are the unfused run's to float rounding, its resume is bit-exact, and its checkpoint samples and exports without the padding."""
+    lce = importlib.import_module("fastgpt.kernels.linear_cross_entropy")
+    common = [f"--data_file={small_corpus}", f"--data_dir={tmp_path}", *TINY, "--eval_interval=6", "--dropout=0"]
+    assert train.main([*common, f"--out_dir={tmp_path / 'plain'}", "--max_iters=12", "--pad_vocab=64"]) == 0
+    assert "loss unfused, output layer padded to 64" in capsys.readouterr().out
+    monkeypatch.setattr(lce, "PLAIN_MAX_BYTES", 0)
+    monkeypatch.setattr(lce, "CHUNK_BYTES", 16 * 4 * 64)
+    fused, split = tmp_path / "fused", tmp_path / "split"
+    assert train.main([*common, f"--out_dir={fused}", "--max_iters=12", "--pad_vocab=64"]) == 0
+    out = capsys.readouterr().out
+    assert "loss fused (PyTorch, chunks of 16 rows), output layer padded to 64" in out
+    plain_steps, plain_evals = read_metrics(tmp_path / "plain")
+    fused_steps, fused_evals = read_metrics(fused)
+    assert len(fused_steps) == 12 and plain_steps.keys() == fused_steps.keys()
+    assert max(abs(plain_steps[i] - fused_steps[i]) for i in plain_steps) < 1e-4, (plain_steps, fused_steps)
+    assert max(abs(plain_evals[i] - fused_evals[i]) for i in plain_evals) < 1e-4
+    assert train.main([*common, f"--out_dir={split}", "--max_iters=6", "--pad_vocab=64"]) == 0
+    assert train.main([f"--out_dir={split}", "--resume", "--max_iters=12"]) == 0
+    assert read_metrics(split)[0] == fused_steps
+    ckpt = load_checkpoint(fused / "ckpt.pt")
+    assert ckpt["model_config"]["pad_vocab"] == 64 and ckpt["model"]["lm_head.weight"].shape[0] == 64
+    model, tokenizer = model_from_checkpoint(ckpt, fused / "ckpt.pt")
+    assert model(torch.zeros(1, 3, dtype=torch.long))[0].shape[-1] == tokenizer.vocab_size
+    assert model.trimmed_state_dict()["lm_head.weight"].shape[0] == tokenizer.vocab_size

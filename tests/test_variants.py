@@ -182,3 +182,28 @@ def test_padding_the_vocabulary_changes_no_prediction(name):
     padded(idx, idx)[1].backward()
     if head is not None:
         assert not head.weight.grad[TINY.vocab_size:].any()
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_a_grown_vocabulary_keeps_the_old_rows_with_or_without_padding(name):
+    """--extend_vocab's weight copy (load_weights): the old tokens' rows and columns come from the checkpoint,
+    the new tokens' and the padding keep their fresh values, whether the padded sizes differ (11 -> 70
+    tokens: 64 -> 128 rows) or not (11 -> 14: 64 rows both)."""
+    from fastgpt.checkpoint import load_weights
+
+    for new_vocab in (14, 70):
+        old = tiny(name, pad_vocab=64)
+        torch.manual_seed(5)
+        new = build_model(dataclasses.replace(TINY, model=name, pad_vocab=64, vocab_size=new_vocab))
+        fresh = {k: v.clone() for k, v in new.state_dict().items()}
+        load_weights(new, old.state_dict(), "old.pt", TINY.vocab_size)
+        state, dims = new.state_dict(), new.vocab_dims()
+        for key, tensor in old.state_dict().items():
+            if key not in dims:
+                assert torch.equal(state[key], tensor), key
+                continue
+            kept = tuple(slice(0, TINY.vocab_size) if d in dims[key] else slice(None) for d in range(tensor.dim()))
+            assert torch.equal(state[key][kept], tensor[kept]), key
+            rest = state[key].clone()
+            rest[kept] = fresh[key][kept]
+            assert torch.equal(rest, fresh[key]), key  # everything else as initialised

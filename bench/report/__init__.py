@@ -60,6 +60,7 @@ KERNEL_TESTS = ["tests/test_cuda.py", "tests/test_corpus.py::test_host_batches_r
                 "tests/slow/test_convergence.py",
                 "tests/test_train.py::test_cuda_trains_compiled_on_the_kernels_in_bf16_and_reports_mfu"]
 KERNEL_BENCH = ["bench/test_layer_norm.py", "bench/test_linear_gelu.py", "bench/test_attention.py",
+                "bench/test_linear_cross_entropy.py",
                 "bench/test_train_step.py::test_sample"]
 # the presets' shapes in the run's dtype: (64*256, 384) rows, the (64, 6, 256, 64) attention, sampling
 BENCH_FILTER = {"cuda": "(16384x384 or B64-T256 or test_sample) and not float32",

@@ -2,7 +2,8 @@
 
     python -m bench.report.smoke --out=FILE [--device=cuda|cpu]
 
-One forward and backward of every op (layer_norm, add_layer_norm, linear_gelu, causal_attention) and of
+One forward and backward of every op (layer_norm, add_layer_norm, linear_gelu, causal_attention, the fused
+linear_cross_entropy against the whole logits' loss, with GPT-2's vocabulary) and of
 the whole GPT, at the shakespeare_char shapes (B=64, T=256, C=384, 6 heads of 64) in bf16 on CUDA, each
 through the Triton kernels and through the PyTorch reference: the error of each output and gradient
 against the op in fp64 next to PyTorch's own error in the same dtype (the rule of kernels/accuracy.py),
@@ -70,6 +71,7 @@ def op_cases(shape: dict, device: torch.device) -> dict[str, tuple[Callable, Cal
     from fastgpt.kernels.attention import causal_attention_reference, causal_attention_triton
     from fastgpt.kernels.layer_norm import (add_layer_norm_reference, add_layer_norm_triton, layer_norm_reference,
                                    layer_norm_triton)
+    from fastgpt.kernels.linear_cross_entropy import linear_cross_entropy_plain, linear_cross_entropy_triton
     from fastgpt.kernels.linear_gelu import linear_gelu_reference, linear_gelu_triton
 
     g = torch.Generator(device=device).manual_seed(0)
@@ -80,6 +82,10 @@ def op_cases(shape: dict, device: torch.device) -> dict[str, tuple[Callable, Cal
 
     rows = randn(b * t, c)
     weight = 1 + 0.1 * randn(c)
+    # the loss over GPT-2's vocabulary padded as on GPUs (50257 classes, 50304 rows); a tenth ignored
+    vocab, padded = (50257, 50304) if device.type == "cuda" else (257, 320)
+    targets = torch.randint(vocab, (b * t,), generator=g, device=device)
+    targets[::10] = -100
     return {
         "layer_norm": (layer_norm_triton, layer_norm_reference, (rows, weight), ["y", "dx", "dweight"]),
         "add_layer_norm": (add_layer_norm_triton, add_layer_norm_reference, (rows, randn(b * t, c), weight),
@@ -88,6 +94,9 @@ def op_cases(shape: dict, device: torch.device) -> dict[str, tuple[Callable, Cal
                         (rows, randn(4 * c, c, scale=c ** -0.5)), ["y", "dx", "dweight"]),
         "causal_attention": (causal_attention_triton, causal_attention_reference,
                              tuple(randn(b, h, t, c // h) for _ in range(3)), ["out", "dq", "dk", "dv"]),
+        "linear_cross_entropy": (lambda x, w: linear_cross_entropy_triton(x, w, targets, None, -100, vocab),
+                                 lambda x, w: linear_cross_entropy_plain(x, w, targets, None, -100, vocab),
+                                 (rows, randn(padded, c, scale=c ** -0.5)), ["loss", "dx", "dweight"]),
     }
 
 
