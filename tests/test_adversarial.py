@@ -4,6 +4,7 @@ asked, a run writes only under the out_dir it was given, and what is read is val
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import zlib
@@ -381,3 +382,19 @@ def test_a_checkpoint_describing_no_model_is_refused_by_every_command(trained, s
         runs[command]()
     assert "\n" not in str(refused.value) and "checkpoint" in str(refused.value) or "fastgpt" in str(refused.value)
     assert (trained / "ckpt.pt").read_bytes() == before and not (tmp_path / "x" / "ckpt.pt").exists()
+
+
+def test_a_gpt2_vocabulary_run_is_sized_with_the_fused_loss(monkeypatch):
+    """The memory check counts the loss as it will run: the shakespeare_char GPT with GPT-2's vocabulary
+    (fused: a chunk of logits) fits an 8 GiB device, where its whole logits would not."""
+    from fastgpt import memory
+    from fastgpt.config import PRESETS
+
+    config = PRESETS["shakespeare_char"].model_config(50257)
+    monkeypatch.setattr(memory, "device_bytes", lambda device: 8 * 2**30)
+    memory.check_training(config, 64, torch.device("cpu"))
+    assert memory.loss_floats(config, 64 * 256) * 4 < 2**30
+    lce = importlib.import_module("fastgpt.kernels.linear_cross_entropy")
+    monkeypatch.setattr(lce, "PLAIN_MAX_BYTES", float("inf"))
+    with pytest.raises(UserError, match="lower --batch_size"):
+        memory.check_training(config, 64, torch.device("cpu"))

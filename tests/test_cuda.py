@@ -124,3 +124,43 @@ def test_the_whole_trainer_under_reduce_overhead(small_corpus, tmp_path):
     losses = evals(out)
     assert sorted(losses) == [0, 10, 20] and losses[20] < losses[0]
     assert load_checkpoint(out / "ckpt.pt")["iter_num"] == 20
+
+
+def test_gpt2_vocabulary_step_fused_under_bf16_compile_holds_a_fraction_of_the_memory():
+    """The shakespeare_char GPT with GPT-2's vocabulary (padded to 50304 rows as the trainer does on CUDA),
+    one compiled forward and backward under bf16 autocast: `auto` takes the fused Triton loss, whose loss
+    matches the unfused one, and the step's peak memory is well under the unfused step's."""
+    import importlib
+
+    from fastgpt.model import GPTConfig, build_model
+
+    lce = importlib.import_module("fastgpt.kernels.linear_cross_entropy")
+    torch.manual_seed(0)
+    model = build_model(GPTConfig(vocab_size=50257, dropout=0.0, pad_vocab=64)).to(CUDA)
+    idx = torch.randint(50257, (64, 257), device=CUDA)
+    compiled = torch.compile(model)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        held = torch.cuda.memory_allocated()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = compiled(idx[:, :-1], idx[:, 1:])[1]
+        loss.backward()
+        torch.cuda.synchronize()
+        return loss.item(), (torch.cuda.max_memory_allocated() - held) / 2**30
+
+    assert lce.describe(64 * 256, 50304, CUDA).startswith("fused (Triton")
+    fused_loss, fused_gib = step()
+    original = lce.PLAIN_MAX_BYTES
+    lce.PLAIN_MAX_BYTES = float("inf")
+    try:
+        torch._dynamo.reset()
+        compiled = torch.compile(model)
+        plain_loss, plain_gib = step()
+    finally:
+        lce.PLAIN_MAX_BYTES = original
+    print(f"gpt2-vocabulary step, bf16, compiled: fused {fused_gib:.2f} GiB, unfused {plain_gib:.2f} GiB")
+    assert abs(fused_loss - plain_loss) < 2e-2 * plain_loss
+    assert fused_gib < 0.6 * plain_gib
