@@ -64,6 +64,7 @@ class TrainConfig:
     reference: bool = False  # run every kernel as its PyTorch reference
     seed: int = 1337  # seeds the weights, dropout and batch sampling
     sample_chars: int = 200  # characters of sample printed at the end; 0 = none
+    eval_sample: int = 100  # tokens sampled from a fixed prompt and seed at each evaluation, kept in metrics.jsonl (fastgpt.dashboard shows them); 0 = none
     tensorboard: bool = False  # also write the metrics as TensorBoard event files under out_dir/tb
     save_checkpoints: bool = True  # write ckpt.pt (every evaluation, and on a stop signal) and best.pt; False for measurements that keep none (bench.report)
 
@@ -105,7 +106,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        for name in ["max_iters", "warmup_iters", "sample_chars"]:
+        for name in ["max_iters", "warmup_iters", "sample_chars", "eval_sample"]:
             if getattr(self, name) < 0:
                 raise UserError(f"--{name} must be >= 0, got {getattr(self, name)}")
         if self.n_embd % self.n_head:

@@ -78,6 +78,8 @@ class Metrics:
             for name, tag in TENSORBOARD_TAGS.items():
                 if isinstance(fields.get(name), (int, float)):
                     self.tensorboard.add_scalar(tag, fields[name], fields["iter"])
+            if isinstance(fields.get("sample"), str):  # the evaluation's sample, under TensorBoard's Text tab
+                self.tensorboard.add_text("sample", fields["sample"], fields["iter"])
 
     def start_clock(self, iter_num: int) -> None:
         self.clock_start = self.last_log_time = time.perf_counter()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -267,7 +268,21 @@ class LanguageModel(nn.Module):
         generator: torch.Generator | None = None,
         use_cache: bool = True,
     ) -> torch.Tensor:
-        """Extend idx (B, T) by max_new_tokens sampled tokens; returns (B, T + max_new_tokens).
+        """Extend idx (B, T) by max_new_tokens sampled tokens; returns (B, T + max_new_tokens) (`stream`'s
+        tokens, gathered)."""
+        return torch.cat([idx, *self.stream(idx, max_new_tokens, temperature, top_k, generator, use_cache)], dim=1)
+
+    @torch.no_grad()
+    def stream(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+        use_cache: bool = True,
+    ) -> Iterator[torch.Tensor]:
+        """Sample max_new_tokens tokens after idx (B, T), yielding each (B, 1) as soon as it is drawn.
 
         The context is the last block_size tokens. With `use_cache`, each step runs only the newest
         token against cached keys and values; once the sequence outgrows block_size every position
@@ -296,7 +311,7 @@ class LanguageModel(nn.Module):
             probs = F.softmax(logits, dim=-1)
             idx_next = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
             idx = torch.cat((idx, idx_next), dim=1)
-        return idx
+            yield idx_next
 
 class BigramLanguageModel(LanguageModel):
     """Step 1: each character's row of a vocab x vocab table is the logits of the next character."""

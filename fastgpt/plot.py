@@ -48,29 +48,47 @@ class Run:
 NUMBERS = ("loss", "val_loss", "train_loss", "lr", "tokens_per_sec", "mfu", "train_seconds", "ms_per_iter")
 
 
+def parse_metrics(text: str) -> tuple[list[dict], list[dict]]:
+    """The log-interval and evaluation records of a metrics.jsonl's text; a line cut short by a crash, a
+    damaged or foreign record and the summary are skipped."""
+    steps, evals = [], []
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(record, dict) or type(record.get("iter")) is not int or record.get("summary"):
+            continue
+        if not all(isinstance(v, (int, float)) for k, v in record.items() if k in NUMBERS and v is not None):
+            continue  # plotted values are numbers
+        if "sample" in record and not isinstance(record["sample"], str):
+            record = {k: v for k, v in record.items() if k != "sample"}
+        (evals if "val_loss" in record else steps if "loss" in record else []).append(record)
+    return steps, evals
+
+
+def train_config(path: Path) -> dict:
+    """The train config in a run's ckpt.pt ({} when there is none, or it cannot be read: a label then
+    falls back to the directory's name)."""
+    ckpt = path / "ckpt.pt"
+    if not ckpt.is_file():
+        return {}
+    try:
+        config = torch.load(ckpt, map_location="cpu", weights_only=True).get("train_config") or {}
+    except Exception:  # damaged or foreign
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
 def read_run(path: Path) -> Run:
     metrics = path / "metrics.jsonl"
     if not metrics.is_file():
         raise UserError(f"{path} has no metrics.jsonl: pass the --out_dir of a fastgpt.train run")
     run = Run(path)
-    for line in metrics.read_bytes().decode("utf-8", errors="replace").splitlines():  # a bad line is skipped
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue  # a line cut short by a crash
-        if not isinstance(record, dict) or type(record.get("iter")) is not int or record.get("summary"):
-            continue
-        if not all(isinstance(v, (int, float)) for k, v in record.items() if k in NUMBERS and v is not None):
-            continue  # a damaged or foreign record: plotted values are numbers
-        (run.evals if "val_loss" in record else run.steps if "loss" in record else []).append(record)
+    run.steps, run.evals = parse_metrics(metrics.read_bytes().decode("utf-8", errors="replace"))
     if not run.steps and not run.evals:
         raise UserError(f"{metrics} has no training records yet: plot it after the run has logged a step")
-    ckpt = path / "ckpt.pt"
-    if ckpt.is_file():
-        try:
-            run.config = torch.load(ckpt, map_location="cpu", weights_only=True).get("train_config") or {}
-        except Exception:  # damaged or foreign: the legend falls back to the directory's name
-            run.config = {}
+    run.config = train_config(path)
     return run
 
 

@@ -317,8 +317,9 @@ def evaluate_and_save(run: Run) -> bool:
     run.log(f"iter {run.state.iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
     # train_seconds: training time so far (evaluation and compilation excluded), from which the time to
     # any val loss can be read off afterwards
+    sample = {"sample": eval_sample(run)} if run.cfg.eval_sample and run.world.master else {}
     run.metrics.record(iter=run.state.iter_num, train_loss=losses["train"], val_loss=losses["val"],
-                       train_seconds=run.metrics.train_seconds(eval_start))
+                       train_seconds=run.metrics.train_seconds(eval_start), **sample)
     if losses["val"] < run.state.best_val:
         run.state.best_val = losses["val"]
         save(run, full=False)
@@ -326,6 +327,24 @@ def evaluate_and_save(run: Run) -> bool:
     run.metrics.logged(run.state.iter_num, time.perf_counter())  # evaluation is not training time
     run.metrics.eval_seconds += run.metrics.last_log_time - eval_start
     return run.cfg.target_val_loss is not None and losses["val"] <= run.cfg.target_val_loss
+
+
+def sample_text(run: Run, tokens: int) -> str:
+    """`tokens` tokens from the tokenizer's default prompt and the run's seed (the prompt left out): the
+    same start every time, so that samples of different iterations differ by the model alone. On the
+    references: the sample runs in fp32, one row at a time, and on the kernels it would compile an fp32
+    set of them (tens of seconds on a GPU) for milliseconds of work. Its generator is its own: training's
+    random streams are untouched."""
+    prompt = default_prompt(run.corpus.tokenizer)
+    with kernels.backend("reference"):
+        (text,) = complete(run.raw_model.eval(), run.corpus.tokenizer, prompt, tokens, run.cfg.seed)
+    run.raw_model.train()
+    return text[len(prompt):]
+
+
+def eval_sample(run: Run) -> str:
+    """The evaluation's sample, kept in metrics.jsonl (the dashboard shows the text improving)."""
+    return sample_text(run, run.cfg.eval_sample)
 
 
 def log_step(run: Run, lr: float, loss_sum: torch.Tensor, grad_norm: torch.Tensor) -> None:
@@ -420,12 +439,7 @@ def summarise(run: Run) -> None:
         f"checkpoints in {run.out_dir} (best.pt: best val, ckpt.pt: latest)" if cfg.save_checkpoints
         else "no checkpoints kept (--save_checkpoints=False)"))
     if cfg.sample_chars and run.world.master:
-        prompt = default_prompt(run.corpus.tokenizer)
-        # on the references: the sample runs in fp32, one row at a time, and on the kernels it would compile
-        # an fp32 set of them (tens of seconds on a GPU) for milliseconds of work
-        with kernels.backend("reference"):
-            (text,) = complete(run.raw_model.eval(), run.corpus.tokenizer, prompt, cfg.sample_chars, cfg.seed)
-        run.log("sample:\n" + text[len(prompt):][:cfg.sample_chars])  # a BPE's tokens are several characters
+        run.log("sample:\n" + sample_text(run, cfg.sample_chars)[:cfg.sample_chars])  # a BPE token: characters
 
 
 if __name__ == "__main__":

@@ -1,0 +1,493 @@
+"""Watch runs learn: `python -m fastgpt.dashboard RUN_DIR [RUN_DIR ...] [--port=7860] [--host=127.0.0.1]`.
+
+A local web page, live while the runs train (new evaluations appear without a reload), with for each run:
+  - its loss curves (train and val against iteration, val against training seconds), tokens/s and MFU,
+    runs overlaid and labelled by the settings they differ in (as `fastgpt.plot` labels them);
+  - the samples the trainer keeps at each evaluation (`--eval_sample`, on by default): the same prompt and
+    seed every time, so the text turns from noise into Shakespeare iteration by iteration;
+  - attention maps of a prompt you type, per layer and head, from the latest or the best checkpoint;
+  - a generation box (prompt, temperature, top-k, seed), the tokens streamed as they are sampled;
+  - its settings. A `fastgpt.compare` folder shows the lecture's six models side by side.
+It is built on Gradio, whose front end ships inside its Python package: the page needs no network (the
+`dashboard` extra: pip install -e ".[dashboard]"). It binds 127.0.0.1 unless --host says otherwise, reads
+only the folders it was given (a request names a run by its number and a checkpoint by its kind, never by a
+path), loads checkpoints as the rest of fastgpt does (weights_only, validated), and a folder that is empty,
+half-written or damaged shows a message in place of its data. The models run on --device (the CPU by
+default, leaving a GPU to the training).
+"""
+
+from __future__ import annotations
+
+import html
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from fastgpt.checkpoint import load_checkpoint, model_from_checkpoint
+from fastgpt.cli import UserError, parse_command, run_main
+from fastgpt.model import MODELS
+from fastgpt.plot import LEGEND_FIELDS, Run, label_runs, parse_metrics, train_config
+from fastgpt.tokenizer import check_prompt, default_prompt
+
+EXTRA = "dashboard"
+CHECKPOINTS = {"latest (ckpt.pt)": "ckpt.pt", "best val (best.pt)": "best.pt"}
+SAMPLES_SHOWN = 40  # evaluations per run on the samples tab, newest first
+MAX_NEW_TOKENS = 2000
+MODELS_KEPT = 2  # loaded models kept for the attention and generation tabs
+
+
+@dataclass
+class DashboardConfig:
+    port: int = 7860  # the page's port
+    host: str = "127.0.0.1"  # the address it binds: 127.0.0.1 is this machine only; 0.0.0.0 every network
+    refresh: float = 2.0  # seconds between the page's updates
+    device: str = "cpu"  # where the attention and generation tabs run the model
+    open_browser: bool = False  # open the page in this machine's browser
+
+
+def require_gradio():
+    try:
+        import gradio
+    except ImportError:
+        raise UserError(f'the dashboard needs the gradio package: pip install -e ".[{EXTRA}]"') from None
+    return gradio
+
+
+# ---------------------------------------------------------------------------------------------------
+# the folders: what the page shows, read on demand and cached by each file's size and time
+
+
+@dataclass
+class Folder:
+    """One run folder given on the command line (or one model's folder inside a compare folder)."""
+
+    path: Path
+    label: str = ""
+    _metrics: tuple = field(default=(None, [], []), repr=False)  # (signature, steps, evals)
+    _config: tuple = field(default=(None, {}), repr=False)
+
+    def signature(self, name: str) -> tuple | None:
+        try:
+            st = (self.path / name).stat()
+        except OSError:
+            return None
+        return st.st_size, st.st_mtime_ns
+
+    def records(self) -> tuple[list[dict], list[dict]]:
+        """(log-interval records, evaluation records) of metrics.jsonl, re-read only when it changed."""
+        sig = self.signature("metrics.jsonl")
+        if sig != self._metrics[0]:
+            try:
+                text = (self.path / "metrics.jsonl").read_bytes().decode("utf-8", errors="replace")
+            except OSError:
+                text = ""
+            self._metrics = (sig, *parse_metrics(text))
+        return self._metrics[1], self._metrics[2]
+
+    def config(self) -> dict:
+        """The train config of its ckpt.pt ({} without one)."""
+        sig = self.signature("ckpt.pt")
+        if sig != self._config[0]:
+            self._config = (sig, train_config(self.path))
+        return self._config[1]
+
+    def status(self) -> str:
+        """One line: where the run is, or why nothing can be shown yet."""
+        if not self.path.is_dir():
+            return f"**{self.label}**: {self.path} is not a folder (any more)"
+        steps, evals = self.records()
+        if not (self.path / "metrics.jsonl").is_file():
+            return f"**{self.label}**: no metrics.jsonl yet: waiting for the run's first record"
+        if not steps and not evals:
+            return f"**{self.label}**: metrics.jsonl has no readable record yet"
+        last = max((r["iter"] for r in steps + evals), default=0)
+        parts = [f"**{self.label}**: iter {last:,}"]
+        if evals:
+            parts.append(f"val loss {evals[-1]['val_loss']:.4f} (iter {evals[-1]['iter']:,})")
+        if steps and isinstance(steps[-1].get("tokens_per_sec"), (int, float)):
+            parts.append(f"{steps[-1]['tokens_per_sec']:,.0f} tokens/s")
+        if steps and isinstance(steps[-1].get("mfu"), (int, float)):
+            parts.append(f"MFU {100 * steps[-1]['mfu']:.1f}%")
+        sig = self.signature("metrics.jsonl")
+        if sig:
+            parts.append(f"updated {max(0, time.time() - sig[1] / 1e9):,.0f} s ago")
+        return ", ".join(parts)
+
+
+def folders_of(dirs: list[str]) -> tuple[list[Folder], list[Path]]:
+    """The run folders of the command line's directories, and the compare folders among them: a
+    directory that holds a run (metrics.jsonl or ckpt.pt), or is empty (a run about to start), is one;
+    a `fastgpt.compare` folder (subfolders named after the lecture's models) gives its models in order."""
+    folders, compares = [], []
+    for d in dirs:
+        path = Path(d).resolve()
+        if not path.is_dir():
+            raise UserError(f"{d} is not a folder: pass the --out_dir of a fastgpt.train run (or of fastgpt.compare)")
+        models = [path / m for m in MODELS if (path / m).is_dir()]
+        if models and not (path / "metrics.jsonl").exists() and not (path / "ckpt.pt").exists():
+            compares.append(path)
+            folders += [Folder(m, m.name) for m in models]
+        else:
+            folders.append(Folder(path))
+    if not folders:
+        raise UserError("pass one or more run folders (see --help)")
+    return folders, compares
+
+
+def label_folders(folders: list[Folder]) -> None:
+    """Each folder's label: what tells the runs apart (fastgpt.plot's legend rule), else its name."""
+    runs = [Run(f.path, config=f.config()) for f in folders]
+    label_runs(runs)
+    seen: dict[str, int] = {}
+    for f, r in zip(folders, runs):
+        label = f.label or r.label or f.path.name
+        seen[label] = seen.get(label, 0) + 1
+        f.label = label if seen[label] == 1 else f"{label} ({seen[label]})"
+
+
+# ---------------------------------------------------------------------------------------------------
+# what each tab shows, as plain data (tested without a browser)
+
+
+def curves(folders: list[Folder]):
+    """Four pandas DataFrames for the charts: loss against iteration (train and val), val loss against
+    training seconds, tokens/s and MFU (%) against iteration; each row names its series ("run · val")."""
+    import pandas as pd
+
+    loss, timed, speed, mfu = [], [], [], []
+    for f in folders:
+        steps, evals = f.records()
+        for r in steps:
+            loss.append({"iteration": r["iter"], "loss": r["loss"], "series": f"{f.label} · train"})
+            if isinstance(r.get("tokens_per_sec"), (int, float)):
+                speed.append({"iteration": r["iter"], "tokens/s": r["tokens_per_sec"], "series": f.label})
+            if isinstance(r.get("mfu"), (int, float)):
+                mfu.append({"iteration": r["iter"], "MFU %": 100 * r["mfu"], "series": f.label})
+        for r in evals:
+            loss.append({"iteration": r["iter"], "loss": r["val_loss"], "series": f"{f.label} · val"})
+            if isinstance(r.get("train_seconds"), (int, float)):
+                timed.append({"training seconds": r["train_seconds"], "val loss": r["val_loss"], "series": f.label})
+
+    def frame(rows, columns):
+        return pd.DataFrame(rows, columns=columns)
+
+    return (frame(loss, ["iteration", "loss", "series"]), frame(timed, ["training seconds", "val loss", "series"]),
+            frame(speed, ["iteration", "tokens/s", "series"]), frame(mfu, ["iteration", "MFU %", "series"]))
+
+
+def samples_html(folders: list[Folder], prompts: dict[int, str]) -> str:
+    """Each run's evaluation samples, newest first, side by side; all text escaped (a sample is the
+    model's output, and the model may have learnt to write markup)."""
+    columns = []
+    for i, f in enumerate(folders):
+        _, evals = f.records()
+        kept = [r for r in evals if isinstance(r.get("sample"), str)][-SAMPLES_SHOWN:]
+        prompt = html.escape(prompts.get(i, ""))
+        if kept:
+            items = "".join(
+                f"<div class='fg-sample'><div class='fg-sample-head'>iter {r['iter']:,} · val loss "
+                f"{r['val_loss']:.3f}</div><pre><b>{prompt}</b>{html.escape(r['sample'])}</pre></div>"
+                for r in reversed(kept))
+        else:
+            items = ("<p>No samples yet: the trainer keeps one at each evaluation (<code>--eval_sample</code>, on by "
+                     "default; runs from before it have none).</p>")
+        columns.append(f"<div class='fg-run'><h3>{html.escape(f.label)}</h3>{items}</div>")
+    return f"<div class='fg-samples'>{''.join(columns)}</div>"
+
+
+def settings_rows(folders: list[Folder]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the runs' settings: the legend's fields first, then the rest, those that differ
+    marked with a bullet."""
+    configs = [f.config() for f in folders]
+    names = [n for n in LEGEND_FIELDS if any(n in c for c in configs)]
+    names += sorted({n for c in configs for n in c} - set(names))
+    rows = []
+    for n in names:
+        values = [repr(c[n]) if n in c else "" for c in configs]
+        rows.append([("• " if len(set(values)) > 1 else "") + n, *values])
+    return ["setting", *[f.label for f in folders]], rows
+
+
+COINCIDE_NOTE = ("**Why `blocks` and `gpt` may coincide:** the lecture's last step adds dropout (on the attention "
+                 "probabilities, the residual branches and the embeddings) to the `blocks` model, and nothing else. "
+                 "Trained with `--dropout=0` (the cpu preset's setting) the two are the same model from the same "
+                 "seed, so their curves lie on each other; with dropout (shakespeare_char's 0.2) `gpt` trains "
+                 "slower and generalises better.")
+
+
+def compare_markdown(compares: list[Path]) -> str:
+    parts = []
+    for path in compares:
+        table = path / "compare.md"
+        try:
+            text = table.read_text(encoding="utf-8", errors="replace") if table.is_file() else ""
+        except OSError:
+            text = ""
+        parts.append(f"### {path.name}\n\n" + (text or "_compare.md is written when the six runs are done._"))
+    return "\n\n".join(parts + [COINCIDE_NOTE]) if parts else ""
+
+
+class Models:
+    """The checkpoints' models for the attention and generation tabs: loaded on first use (validated,
+    weights_only), reloaded when the file changes, at most MODELS_KEPT held. Only the names in
+    CHECKPOINTS are ever opened, inside the folders given."""
+
+    def __init__(self, folders: list[Folder], device: torch.device):
+        self.folders, self.device = folders, device
+        self.cache: OrderedDict = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, run: int, which: str):
+        """(model, tokenizer) or a UserError saying why not."""
+        if not isinstance(run, int) or not 0 <= run < len(self.folders):
+            raise UserError("choose one of the runs listed")
+        if which not in CHECKPOINTS.values():
+            raise UserError(f"choose a checkpoint: {', '.join(CHECKPOINTS)}")
+        folder = self.folders[run]
+        path = folder.path / which
+        sig = folder.signature(which)
+        if sig is None:
+            raise UserError(f"{folder.label} has no {which} yet: a run writes it at its first evaluation")
+        with self.lock:
+            key = (run, which)
+            if key in self.cache and self.cache[key][0] == sig:
+                self.cache.move_to_end(key)
+                return self.cache[key][1]
+            model, tokenizer = model_from_checkpoint(load_checkpoint(path), path)
+            entry = (model.to(self.device).eval(), tokenizer)
+            self.cache[key] = (sig, entry)
+            while len(self.cache) > MODELS_KEPT:
+                self.cache.popitem(last=False)
+            return entry
+
+
+def prompt_ids(tokenizer, prompt: str, block_size: int) -> list[int]:
+    check_prompt(tokenizer, prompt)
+    ids = tokenizer.encode(prompt).tolist()
+    if not ids:
+        raise UserError("type a prompt of at least one token")
+    if len(ids) > block_size:
+        raise UserError(f"the prompt is {len(ids)} tokens, longer than the model's block_size {block_size}: "
+                        f"shorten it")
+    return ids
+
+
+def attention_plot(models: Models, run: int, which: str, prompt: str, layer: str, head: str):
+    """The attention figure of one layer and head (or all heads, or all layers), as matplotlib draws it
+    for fastgpt.attention_maps."""
+    from fastgpt.attention_maps import attention_figure, attention_probabilities, token_labels
+
+    model, tokenizer = models.get(run, which)
+    ids = prompt_ids(tokenizer, prompt, model.config.block_size)
+    maps = [m.cpu() for m in attention_probabilities(model, torch.tensor([ids], device=models.device))]
+    layers = range(len(maps)) if layer == "all" else [int(layer)]
+    if any(not 0 <= i < len(maps) for i in layers):
+        raise UserError(f"the model has {len(maps)} attention layer(s)")
+    heads = maps[0].shape[0]
+    if head != "all" and not 0 <= int(head) < heads:
+        raise UserError(f"the model has {heads} head(s) per layer")
+    chosen = [maps[i] if head == "all" else maps[i][int(head):int(head) + 1] for i in layers]
+    title = (f"{models.folders[run].label}, {which}: layer {layer}, head {head} over {prompt!r} "
+             f"(each row: where that token looks)")
+    return attention_figure(chosen, token_labels(tokenizer, ids), title)
+
+
+def stream_text(models: Models, run: int, which: str, prompt: str, max_new_tokens: int, temperature: float,
+                top_k: int, seed: int):
+    """The prompt and the text sampled so far, after each new token."""
+    if not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
+        raise UserError(f"generate between 1 and {MAX_NEW_TOKENS} tokens")
+    if not temperature > 0:
+        raise UserError("the temperature must be above 0")
+    model, tokenizer = models.get(run, which)
+    ids = prompt_ids(tokenizer, prompt, model.config.block_size)
+    generator = torch.Generator(device=models.device).manual_seed(int(seed))
+    idx = torch.tensor([ids], device=models.device)
+    new: list[int] = []
+    from fastgpt import kernels
+
+    with kernels.backend("reference"):
+        for token in model.stream(idx, int(max_new_tokens), float(temperature), int(top_k) if top_k else None,
+                                  generator):
+            new.append(token.item())
+            yield prompt + tokenizer.decode(new)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the page
+
+
+CSS = """
+.fg-samples {display: flex; gap: 12px; overflow-x: auto;}
+.fg-run {flex: 1 1 0; min-width: 240px;}
+.fg-sample {margin-bottom: 10px;}
+.fg-sample-head {font-size: 0.85em; opacity: 0.75;}
+.fg-sample pre {white-space: pre-wrap; margin: 2px 0; font-size: 0.85em;}
+"""
+
+
+def build(folders: list[Folder], compares: list[Path], cfg: DashboardConfig):
+    gr = require_gradio()
+    models = Models(folders, torch.device(cfg.device))
+    names = [(f.label, i) for i, f in enumerate(folders)]
+    prompts: dict[int, str] = {}
+
+    def message(e: Exception) -> str:
+        return f"⚠ {e}"
+
+    def run_prompt(i: int) -> str:
+        """The prompt of a run's evaluation samples: its tokenizer's default prompt, once the checkpoint is
+        readable (a char run's first line of text otherwise stays unknown, and the samples show alone)."""
+        if i not in prompts:
+            try:
+                prompts[i] = default_prompt(models.get(i, "ckpt.pt")[1])
+            except Exception:  # no checkpoint yet, or damaged: shown on the attention and generation tabs
+                return ""
+        return prompts[i]
+
+    with gr.Blocks(title="fastgpt dashboard", analytics_enabled=False) as page:
+        gr.Markdown("# fastgpt: watch it learn")
+        status = gr.Markdown(elem_id="fg-status")
+        with gr.Tab("Curves"):
+            with gr.Row():
+                loss_plot = gr.LinePlot(x="iteration", y="loss", color="series", title="loss (train: each log interval; val: each evaluation)",
+                                        elem_id="fg-loss", height=320)
+                time_plot = gr.LinePlot(x="training seconds", y="val loss", color="series",
+                                        title="val loss against training time", elem_id="fg-time", height=320)
+            with gr.Row():
+                speed_plot = gr.LinePlot(x="iteration", y="tokens/s", color="series", title="throughput",
+                                         elem_id="fg-speed", height=260)
+                mfu_plot = gr.LinePlot(x="iteration", y="MFU %", color="series",
+                                       title="model FLOPs utilisation (on a GPU with a known peak)", elem_id="fg-mfu",
+                                       height=260)
+        with gr.Tab("Samples"):
+            gr.Markdown("At each evaluation the trainer samples from the same prompt and seed, so the text below "
+                        "changes only because the model learnt: newest first.")
+            samples = gr.HTML(elem_id="fg-samples")
+        with gr.Tab("Attention"):
+            with gr.Row():
+                a_run = gr.Dropdown(names, value=0, label="run", elem_id="fg-attn-run")
+                a_ckpt = gr.Radio(list(CHECKPOINTS.items()), value="ckpt.pt", label="checkpoint")
+                a_layer = gr.Dropdown(["all", *map(str, range(32))], value="all", label="layer")
+                a_head = gr.Dropdown(["all", *map(str, range(32))], value="all", label="head")
+            a_prompt = gr.Textbox("ROMEO:", label="prompt (its tokens are both axes)", elem_id="fg-attn-prompt")
+            a_button = gr.Button("Show attention", elem_id="fg-attn-go")
+            a_message = gr.Markdown(elem_id="fg-attn-message")
+            a_plot = gr.Plot(elem_id="fg-attn-plot", label="attention probabilities (PyTorch reference path)")
+        with gr.Tab("Generate"):
+            with gr.Row():
+                g_run = gr.Dropdown(names, value=0, label="run", elem_id="fg-gen-run")
+                g_ckpt = gr.Radio(list(CHECKPOINTS.items()), value="ckpt.pt", label="checkpoint")
+            g_prompt = gr.Textbox("ROMEO:", label="prompt", lines=2, elem_id="fg-gen-prompt")
+            with gr.Row():
+                g_temperature = gr.Slider(0.05, 2.0, value=0.8, step=0.05, label="temperature")
+                g_top_k = gr.Number(0, precision=0, minimum=0, label="top-k (0: all tokens)")
+                g_seed = gr.Number(1337, precision=0, label="seed")
+                g_tokens = gr.Slider(1, MAX_NEW_TOKENS, value=300, step=1, label="new tokens")
+            g_button = gr.Button("Generate", elem_id="fg-gen-go")
+            g_message = gr.Markdown(elem_id="fg-gen-message")
+            g_output = gr.Textbox(label="text (streamed as it is sampled)", lines=12, elem_id="fg-gen-output")
+        with gr.Tab("Settings"):
+            settings = gr.Dataframe(elem_id="fg-settings", wrap=True)
+            compare = gr.Markdown(compare_markdown(compares), elem_id="fg-compare")
+
+        state = {"signature": None}
+
+        def refresh(force: bool = False):
+            signature = tuple(f.signature("metrics.jsonl") for f in folders) + tuple(
+                f.signature("ckpt.pt") for f in folders)
+            lines = "  \n".join(f.status() for f in folders)
+            if signature == state["signature"] and not force:
+                return (lines, *([gr.skip()] * 6))
+            state["signature"] = signature
+            header, rows = settings_rows(folders)
+            for i in range(len(folders)):
+                run_prompt(i)
+            loss, timed, speed, mfu = curves(folders)
+            return (lines, loss, timed, speed, gr.update(value=mfu, visible=len(mfu) > 0),
+                    samples_html(folders, prompts),
+                    {"headers": header, "data": rows or [["(no ckpt.pt yet)", *[""] * len(folders)]]})
+
+        outputs = [status, loss_plot, time_plot, speed_plot, mfu_plot, samples, settings]
+        page.load(lambda: refresh(True), outputs=outputs)
+        gr.Timer(cfg.refresh).tick(refresh, outputs=outputs, show_progress="hidden")
+
+        def show_attention(run, which, prompt, layer, head):
+            try:
+                return "", attention_plot(models, run, which, prompt, layer, head)
+            except (UserError, ValueError) as e:
+                return message(e), None
+
+        a_button.click(show_attention, [a_run, a_ckpt, a_prompt, a_layer, a_head], [a_message, a_plot])
+
+        def generate(run, which, prompt, temperature, top_k, seed, tokens):
+            try:
+                for text in stream_text(models, run, which, prompt, int(tokens), temperature, int(top_k or 0),
+                                        int(seed or 0)):
+                    yield "", text
+            except (UserError, ValueError) as e:
+                yield message(e), ""
+
+        g_button.click(generate, [g_run, g_ckpt, g_prompt, g_temperature, g_top_k, g_seed, g_tokens],
+                       [g_message, g_output])
+    return page
+
+
+def theme():
+    gr = require_gradio()
+    # fonts shipped inside gradio's package: the default theme would fetch its own from the network
+    return gr.themes.Default(font=[gr.themes.LocalFont("IBM Plex Sans"), "ui-sans-serif", "system-ui", "sans-serif"],
+                             font_mono=[gr.themes.LocalFont("IBM Plex Mono"), "ui-monospace", "monospace"])
+
+
+def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(run folders, flags): the flags are --key=value or --key value."""
+    dirs, flags, args = [], [], list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg.startswith("--"):
+            flags.append(arg)
+            name = arg[2:].split("=")[0].replace("-", "_")
+            if "=" not in arg and name != "open_browser" and args and not args[0].startswith("--"):
+                flags.append(args.pop(0))
+        else:
+            dirs.append(arg)
+    return dirs, flags
+
+
+def main(argv: list[str]) -> int:
+    dirs, flags = split_argv(argv)
+    cfg, _ = parse_command(DashboardConfig, flags + (["--help"] if "-h" in argv else []), DashboardConfig(),
+                           "fastgpt.dashboard", __doc__.strip().splitlines()[0])
+    if not 1 <= cfg.port <= 65535:
+        raise UserError(f"--port must be between 1 and 65535, got {cfg.port}")
+    if not 0.2 <= cfg.refresh <= 3600:
+        raise UserError(f"--refresh must be between 0.2 and 3600 seconds, got {cfg.refresh}")
+    try:
+        device = torch.device(cfg.device)
+    except RuntimeError:
+        raise UserError(f"--device must be cpu, cuda, cuda:N or mps, got {cfg.device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device=cuda but this machine has no CUDA GPU: use --device=cpu")
+    gr = require_gradio()
+    folders, compares = folders_of(dirs)
+    label_folders(folders)
+    page = build(folders, compares, cfg)
+    print(f"fastgpt.dashboard: {len(folders)} run(s) at http://{cfg.host}:{cfg.port} (Ctrl+C stops it)", flush=True)
+    try:
+        page.queue(default_concurrency_limit=2).launch(
+            server_name=cfg.host, server_port=cfg.port, inbrowser=cfg.open_browser, share=False, quiet=True,
+            show_error=False, theme=theme(), css=CSS, footer_links=[], ssr_mode=False, mcp_server=False,
+            enable_monitoring=False)
+    except OSError as e:
+        raise UserError(f"cannot serve on {cfg.host}:{cfg.port} ({e}): choose another --port") from None
+    del gr
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main, "fastgpt.dashboard")
