@@ -19,6 +19,7 @@ default, leaving a GPU to the training).
 from __future__ import annotations
 
 import html
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -29,6 +30,7 @@ import torch
 
 from fastgpt.checkpoint import load_checkpoint, model_from_checkpoint
 from fastgpt.cli import UserError, parse_command, run_main
+from fastgpt.compare import COINCIDE
 from fastgpt.model import MODELS
 from fastgpt.plot import LEGEND_FIELDS, Run, label_runs, parse_metrics, train_config
 from fastgpt.tokenizer import check_prompt, default_prompt
@@ -50,6 +52,7 @@ class DashboardConfig:
 
 
 def require_gradio():
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # it would call home, and the page is offline
     try:
         import gradio
     except ImportError:
@@ -212,11 +215,7 @@ def settings_rows(folders: list[Folder]) -> tuple[list[str], list[list[str]]]:
     return ["setting", *[f.label for f in folders]], rows
 
 
-COINCIDE_NOTE = ("**Why `blocks` and `gpt` may coincide:** the lecture's last step adds dropout (on the attention "
-                 "probabilities, the residual branches and the embeddings) to the `blocks` model, and nothing else. "
-                 "Trained with `--dropout=0` (the cpu preset's setting) the two are the same model from the same "
-                 "seed, so their curves lie on each other; with dropout (shakespeare_char's 0.2) `gpt` trains "
-                 "slower and generalises better.")
+COINCIDE_NOTE = f"**Why `blocks` and `gpt` may coincide:** {COINCIDE}."
 
 
 def compare_markdown(compares: list[Path]) -> str:
@@ -266,6 +265,8 @@ class Models:
 
 
 def prompt_ids(tokenizer, prompt: str, block_size: int) -> list[int]:
+    if not prompt:
+        raise UserError("type a prompt of at least one character")
     check_prompt(tokenizer, prompt)
     ids = tokenizer.encode(prompt).tolist()
     if not ids:

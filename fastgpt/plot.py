@@ -138,8 +138,9 @@ def runs_figure(runs: list[Run]):
     return fig
 
 
-def compare_figure(rows: list[dict], runs: list[Run]):
-    """fastgpt.compare's chart: every model's val loss against iteration, and a bar of each final one."""
+def compare_figure(rows: list[dict], runs: list[Run], note: str | None = None):
+    """fastgpt.compare's chart: every model's val loss against iteration, and a bar of each final one,
+    with `note` (why two curves coincide) under them."""
     Figure = require_matplotlib()
     fig = Figure(figsize=(11, 4.5), layout="constrained")
     ax_curves, ax_bars = fig.subplots(1, 2, width_ratios=(3, 2))
@@ -153,6 +154,8 @@ def compare_figure(rows: list[dict], runs: list[Run]):
     ax_bars.bar_label(bars, fmt="%.3f", fontsize="small")
     ax_bars.set(title="final val loss", ylabel="val loss")
     ax_bars.tick_params(axis="x", labelrotation=30)
+    if note:
+        fig.supxlabel("Note: " + note, fontsize="small", wrap=True)
     return fig
 
 

@@ -120,8 +120,12 @@ def test_compare_trains_every_model_and_writes_the_table(small_corpus, tmp_path,
         assert (out / row["model"] / "ckpt.pt").is_file()
     assert rows[0]["parameters"] < rows[1]["parameters"] < rows[3]["parameters"] < rows[4]["parameters"]
     table = (out / "compare.md").read_text().splitlines()
-    assert len(table) == 2 + len(MODELS) and all(f"| {name} |" in table[2 + i] for i, name in enumerate(MODELS))
+    assert len(table) == 2 + len(MODELS) + 2 and all(f"| {name} |" in table[2 + i] for i, name in enumerate(MODELS))
     assert "\n".join(table) in capsys.readouterr().out
+    # the cpu preset has no dropout, all that gpt adds to blocks: the same model, and the table says why
+    blocks, gpt = rows[MODELS.index("blocks")], rows[MODELS.index("gpt")]
+    assert blocks["val_loss"] == gpt["val_loss"] and blocks["sample"] == gpt["sample"]
+    assert table[-1] == f"Note: {compare.COINCIDE}."
     with pytest.raises(UserError, match="drop --model"):
         compare.main([f"--out_dir={out}", "--model=gpt"])
 

@@ -1,0 +1,185 @@
+"""fastgpt.dashboard without a browser: which folders it reads and how, what each tab shows (as data), that
+a request reaches no path it was not given, damaged folders as messages, and the trainer's per-evaluation
+samples it shows. The page itself, in Chromium: tests/slow/test_dashboard_browser.py."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import SMALL_TRAINER
+from fastgpt import dashboard, train
+from fastgpt.checkpoint import load_checkpoint, model_from_checkpoint
+from fastgpt.cli import UserError
+from fastgpt.dashboard import Folder, Models, folders_of, label_folders
+from fastgpt.sample import complete
+from fastgpt.tokenizer import default_prompt
+
+
+def evals(out_dir):
+    return [r for r in map(json.loads, (out_dir / "metrics.jsonl").read_text().splitlines()) if "val_loss" in r]
+
+
+def test_the_trainer_keeps_a_sample_per_evaluation_from_one_prompt_and_seed(trained):
+    """Each evaluation record holds --eval_sample tokens from the tokenizer's default prompt and the run's seed:
+    the last one is what that checkpoint samples (the same generator)."""
+    records = evals(trained)
+    assert [r["iter"] for r in records] == [0, 5, 10]
+    assert all(isinstance(r["sample"], str) and r["sample"] for r in records)
+    model, tokenizer = model_from_checkpoint(load_checkpoint(trained / "ckpt.pt"), trained / "ckpt.pt")
+    prompt = default_prompt(tokenizer)
+    (text,) = complete(model, tokenizer, prompt, 100, 1337)
+    assert records[-1]["sample"] == text[len(prompt):]
+
+
+def test_no_samples_with_eval_sample_0(small_corpus, tmp_path):
+    out = tmp_path / "run"
+    assert train.main([*SMALL_TRAINER, f"--data_file={small_corpus}", f"--data_dir={tmp_path}", f"--out_dir={out}",
+                       "--max_iters=5", "--eval_interval=5", "--eval_sample=0"]) == 0
+    assert all("sample" not in r for r in evals(out))
+
+
+def test_folders_runs_and_compare_folders(trained, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    compare = tmp_path / "cmp"
+    for name in ("gpt", "bigram", "blocks"):  # listed in the lecture's order, whatever the file system's
+        (compare / name).mkdir(parents=True)
+    folders, compares = folders_of([str(trained), str(empty), str(compare)])
+    assert [f.path for f in folders] == [trained.resolve(), empty.resolve()] + [
+        (compare / n).resolve() for n in ("bigram", "blocks", "gpt")]
+    assert compares == [compare.resolve()]
+    label_folders(folders)
+    assert [f.label for f in folders][2:] == ["bigram", "blocks", "gpt"]
+    with pytest.raises(UserError, match="is not a folder"):
+        folders_of([str(tmp_path / "missing")])
+
+
+def test_labels_are_the_settings_runs_differ_in(small_corpus, tmp_path):
+    common = [*SMALL_TRAINER, f"--data_file={small_corpus}", f"--data_dir={tmp_path}", "--max_iters=2",
+              "--eval_interval=2", "--eval_sample=0"]
+    for seed in (1, 2):
+        assert train.main([*common, f"--out_dir={tmp_path / f's{seed}'}", f"--seed={seed}"]) == 0
+    folders, _ = folders_of([str(tmp_path / "s1"), str(tmp_path / "s2")])
+    label_folders(folders)
+    assert [f.label for f in folders] == ["seed=1", "seed=2"]
+
+
+def test_damaged_and_unfinished_folders_say_so(tmp_path):
+    empty, garbage, half = tmp_path / "empty", tmp_path / "garbage", tmp_path / "half"
+    for d in (empty, garbage, half):
+        d.mkdir()
+    (garbage / "metrics.jsonl").write_bytes(b"\xff\xfe not json\n{\"iter\": \"x\"}\n[1, 2]\n")
+    (garbage / "ckpt.pt").write_bytes(b"not a checkpoint")
+    (half / "metrics.jsonl").write_text('{"iter": 10, "loss": 2.5, "tokens_per_sec": 100.0}\n{"iter": 20, "lo')
+    folders = [Folder(empty, "empty"), Folder(garbage, "garbage"), Folder(half, "half")]
+    assert "no metrics.jsonl yet" in folders[0].status()
+    assert "no readable record yet" in folders[1].status()
+    assert folders[2].status().startswith("**half**: iter 10") and "100 tokens/s" in folders[2].status()
+    loss, timed, speed, mfu = dashboard.curves(folders)
+    assert list(loss["iteration"]) == [10] and len(timed) == len(mfu) == 0 and list(speed["tokens/s"]) == [100.0]
+    assert folders[1].config() == {}  # the damaged ckpt.pt: settings left out, not a traceback
+    models = Models(folders, torch.device("cpu"))
+    with pytest.raises(UserError, match="no ckpt.pt yet"):
+        models.get(0, "ckpt.pt")
+    with pytest.raises(UserError, match="garbage"):
+        models.get(1, "ckpt.pt")
+    html_text = dashboard.samples_html(folders, {})
+    assert html_text.count("No samples yet") == 3
+
+
+def test_curves_and_samples_of_a_run(trained):
+    folders, _ = folders_of([str(trained)])
+    label_folders(folders)
+    loss, timed, speed, _ = dashboard.curves(folders)
+    assert set(loss["series"]) == {f"{folders[0].label} · train", f"{folders[0].label} · val"}
+    assert list(timed["val loss"]) == [r["val_loss"] for r in evals(trained)]
+    text = dashboard.samples_html(folders, {0: "<b>ROMEO</b>"})
+    assert text.index("iter 10") < text.index("iter 5") < text.index("iter 0")  # newest first
+    assert "&lt;b&gt;ROMEO&lt;/b&gt;" in text and "<b>ROMEO</b>" not in text
+
+
+def test_a_sample_is_shown_as_text_never_as_markup(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    record = {"iter": 0, "train_loss": 1.0, "val_loss": 1.0, "sample": "<script>alert(1)</script><img src=x onerror=y>"}
+    (run / "metrics.jsonl").write_text(json.dumps(record) + "\n")
+    text = dashboard.samples_html([Folder(run, "run")], {})
+    assert "<script>" not in text and "<img" not in text and "&lt;script&gt;" in text
+
+
+def test_requests_name_runs_and_checkpoint_kinds_never_paths(trained, tmp_path):
+    (tmp_path / "secret.pt").write_bytes(b"")
+    models = Models(folders_of([str(trained)])[0], torch.device("cpu"))
+    for run, which in ((1, "ckpt.pt"), (-1, "ckpt.pt"), ("0", "ckpt.pt"), (0, "../secret.pt"),
+                       (0, str(tmp_path / "secret.pt")), (0, "metrics.jsonl")):
+        with pytest.raises(UserError):
+            models.get(run, which)
+    model, tokenizer = models.get(0, "best.pt")
+    assert models.get(0, "best.pt")[0] is model  # cached while the file is unchanged
+
+
+def test_streamed_generation_is_the_sampler_s_text(trained):
+    """The generation box streams the prompt and each new token; the whole is what fastgpt.sample gives for
+    the same seed, temperature and top-k."""
+    models = Models(folders_of([str(trained)])[0], torch.device("cpu"))
+    steps = list(dashboard.stream_text(models, 0, "ckpt.pt", "ab", 12, 0.8, 5, 7))
+    assert len(steps) == 12 and all(b.startswith(a) for a, b in zip(steps, steps[1:]))
+    model, tokenizer = models.get(0, "ckpt.pt")
+    assert steps[-1] == complete(model, tokenizer, "ab", 12, 7, temperature=0.8, top_k=5)[0]
+    for bad, message in ((dict(max_new_tokens=0), "between 1 and"), (dict(temperature=0.0), "above 0"),
+                         (dict(prompt=""), "at least one"), (dict(prompt="a" * 100), "longer than")):
+        args = dict(prompt="ab", max_new_tokens=5, temperature=0.8) | bad
+        with pytest.raises(UserError, match=message):
+            list(dashboard.stream_text(models, 0, "ckpt.pt", args["prompt"], args["max_new_tokens"],
+                                       args["temperature"], 0, 1))
+
+
+def test_attention_of_one_head_or_all(trained):
+    pytest.importorskip("matplotlib")
+    models = Models(folders_of([str(trained)])[0], torch.device("cpu"))
+    assert len(dashboard.attention_plot(models, 0, "ckpt.pt", "abc", "0", "1").axes) == 1
+    assert len(dashboard.attention_plot(models, 0, "ckpt.pt", "abc", "all", "all").axes) == 1 * 2  # 1 layer x 2 heads
+    with pytest.raises(UserError, match="attention layer"):
+        dashboard.attention_plot(models, 0, "ckpt.pt", "abc", "3", "0")
+    with pytest.raises(UserError, match="head"):
+        dashboard.attention_plot(models, 0, "ckpt.pt", "abc", "0", "9")
+
+
+def test_settings_mark_what_differs(trained, tmp_path):
+    folders, _ = folders_of([str(trained)])
+    header, rows = dashboard.settings_rows(folders)
+    assert header[0] == "setting" and any(r[0] == "seed" and r[1] == "1337" for r in rows)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--port=0"], "--port must be between 1 and 65535"),
+    (["--refresh=0"], "--refresh must be between"),
+    (["--device=tpu"], "--device must be"),
+    (["--colour=red"], "colour"),
+])
+def test_bad_flags_are_one_line(trained, cli, argv, message):
+    result = cli("fastgpt.dashboard", str(trained), *argv)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_missing_folder_is_one_line(tmp_path, cli):
+    result = cli("fastgpt.dashboard", str(tmp_path / "nope"))
+    assert result.returncode == 2 and "is not a folder" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_without_gradio_the_extra_is_named(trained, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_gradio(name, *args, **kwargs):
+        if name == "gradio":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_gradio)
+    with pytest.raises(UserError, match=r'pip install -e "\.\[dashboard\]"'):
+        dashboard.main([str(trained)])
