@@ -53,6 +53,10 @@ def test_folders_runs_and_compare_folders(trained, tmp_path):
     assert compares == [compare.resolve()]
     label_folders(folders)
     assert [f.label for f in folders][2:] == ["bigram", "blocks", "gpt"]
+    assert "compare.md is written when" in dashboard.compare_markdown(compares)
+    (compare / "compare.md").write_text("| model | val loss |\n|---|---|\n| gpt | 1.77 |\n")
+    text = dashboard.compare_markdown(compares)
+    assert "| gpt | 1.77 |" in text and "Why `blocks` and `gpt` may coincide" in text
     with pytest.raises(UserError, match="is not a folder"):
         folders_of([str(tmp_path / "missing")])
 

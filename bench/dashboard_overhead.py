@@ -1,0 +1,144 @@
+"""What watching costs: a training run's speed alone and with the dashboard open in browser tabs, side by side.
+
+    python -m bench.dashboard_overhead --data_file=PATH [--tabs=4] [--rounds=3] [--max_iters=1000] [--out=FILE.json]
+
+Each round trains the cpu preset (`--max_iters`, one evaluation sample per evaluation as by default) three
+ways, one after the other on the same machine: alone; alone with no evaluation samples (`--eval_sample=0`,
+what the samples cost); and with `python -m fastgpt.dashboard` serving the run while `--tabs` headless
+Chromium tabs (`--chromium`, else Debian's `chromium`; opened through its DevTools endpoint and left
+alone, as a person's browser would be) watch it from before its first step, each refreshing every
+`--refresh` seconds (the dashboard's default, 2). The figure is the median ms/iter of the run's log lines (training time: evaluation
+excluded) and the whole process' wall time; the table gives each round and the medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CASES = ("alone", "no samples", "watched")
+SETTLE_S = 10
+
+
+def train(out_dir: Path, args, extra: list[str]) -> dict:
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "fastgpt.train", "--preset=cpu", f"--max_iters={args.max_iters}",
+                           f"--data_file={args.data_file}", f"--out_dir={out_dir}", "--sample_chars=0",
+                           "--overwrite", *extra], cwd=ROOT, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if proc.returncode:
+        raise SystemExit(f"training failed:\n{proc.stderr[-2000:]}")
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    ms = [r["ms_per_iter"] for r in records if "ms_per_iter" in r][1:]  # the first interval holds warm-up
+    return {"ms_per_iter": statistics.median(ms), "wall_s": wall}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5):
+                return
+        except (OSError, urllib.error.URLError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def watched(out_dir: Path, args) -> dict:
+    """The run trained while the dashboard serves it to `args.tabs` tabs of one headless Chromium, which
+    is driven by nothing (the tabs are opened through its DevTools HTTP endpoint and left alone, as a
+    person's browser would be: no automation driver receiving every event)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("metrics.jsonl", "ckpt.pt", "best.pt"):
+        (out_dir / name).unlink(missing_ok=True)
+    port, devtools = free_port(), free_port()
+    server = subprocess.Popen([sys.executable, "-m", "fastgpt.dashboard", str(out_dir), f"--port={port}",
+                               f"--refresh={args.refresh}"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
+    profile = tempfile.mkdtemp()
+    browser = None
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        wait_http(url, 120)
+        if args.tabs:
+            browser = subprocess.Popen([args.chromium, "--headless=new", "--no-sandbox", "--no-first-run",
+                                        f"--remote-debugging-port={devtools}", f"--user-data-dir={profile}", url],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            wait_http(f"http://127.0.0.1:{devtools}/json/version", 60)
+            for _ in range(args.tabs - 1):
+                request = urllib.request.Request(f"http://127.0.0.1:{devtools}/json/new?{url}", method="PUT")
+                urllib.request.urlopen(request, timeout=30).close()
+        time.sleep(SETTLE_S)  # the pages' first render done: what is measured is watching, not loading
+        return train(out_dir, args, [])
+    finally:
+        if browser is not None:  # Chromium's own processes with it
+            os.killpg(browser.pid, signal.SIGTERM)
+            browser.wait(timeout=30)
+        server.terminate()
+        server.wait(timeout=30)
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.dashboard_overhead", description=__doc__.splitlines()[0])
+    p.add_argument("--data_file", required=True)
+    p.add_argument("--tabs", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--max_iters", type=int, default=1000)
+    p.add_argument("--refresh", type=float, default=2.0, help="the dashboard's --refresh")
+    p.add_argument("--only", choices=CASES, help="run this case alone (each round)")
+    p.add_argument("--chromium", default=shutil.which("chromium") or "")
+    p.add_argument("--out", default="")
+    args = p.parse_args(argv)
+    if not args.chromium:
+        p.error("no chromium found: pass --chromium=PATH (Debian: apt-get install chromium)")
+    if args.tabs < 0 or args.rounds < 1 or args.max_iters < 20:
+        p.error("--tabs must be >= 0, --rounds >= 1, --max_iters >= 20")
+    if args.out and os.path.exists(args.out):
+        p.error(f"--out={args.out} exists: choose another file")
+    results: dict[str, list[dict]] = {case: [] for case in CASES}
+    with tempfile.TemporaryDirectory() as tmp:
+        for round_ in range(args.rounds):
+            cases = [args.only] if args.only else CASES
+            for case in cases:
+                results[case].append(train(Path(tmp) / "alone", args, []) if case == "alone" else
+                                     train(Path(tmp) / "plain", args, ["--eval_sample=0"]) if case == "no samples"
+                                     else watched(Path(tmp) / "watched", args))
+            print(f"round {round_ + 1}: " + ", ".join(f"{c} {results[c][-1]['ms_per_iter']:.1f} ms/iter "
+                                                      f"({results[c][-1]['wall_s']:.1f} s)" for c in cases), flush=True)
+    if args.only:
+        return 0
+    medians = {c: {k: statistics.median(r[k] for r in results[c]) for k in ("ms_per_iter", "wall_s")} for c in CASES}
+    print(f"\ncpu preset, {args.max_iters} iterations, {args.tabs} tab(s), {args.rounds} round(s), medians:")
+    print("| run | ms/iter | vs alone | whole process |\n|---|---|---|---|")
+    for c in CASES:
+        print(f"| {c} | {medians[c]['ms_per_iter']:.1f} | {medians[c]['ms_per_iter'] / medians['alone']['ms_per_iter']:.3f}x "
+              f"| {medians[c]['wall_s']:.1f} s |")
+    if args.out:
+        with open(args.out, "x") as f:
+            json.dump({"args": vars(args), "rounds": results, "medians": medians}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
