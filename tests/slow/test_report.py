@@ -69,7 +69,7 @@ def test_a_report_made_over_several_commands_keeps_every_phase(tmp_path):
                                                           "test_sample[cpu-reference-cache]"]
     assert bench["command"].count("pytest bench/") == 2 and len(merged["commands"]) == 2
     assert [r["name"] for r in merged["phases"]["smoke"]["results"]] == [
-        "gpt", "layer_norm", "add_layer_norm", "linear_gelu", "causal_attention"]
+        "gpt", "layer_norm", "add_layer_norm", "linear_gelu", "causal_attention", "linear_cross_entropy"]
     assert all(r["ok"] for r in merged["phases"]["smoke"]["results"])
     assert merged_path.with_suffix(".log").read_text().startswith(path.with_suffix(".log").read_text())
     assert "Made by:" in merged_path.with_suffix(".md").read_text()
