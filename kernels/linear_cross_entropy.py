@@ -58,12 +58,18 @@ def chunk_rows(rows: int, width: int) -> int:
     return max(1, min(rows, 1 << (fit.bit_length() - 1)))
 
 
+def runs_unfused(rows: int, width: int) -> bool:
+    """Whether the current backend computes this loss unfused: `auto` and `reference` by the size rule
+    (plain_is_chosen); `triton` never."""
+    return get_backend() != "triton" and plain_is_chosen(rows, width)
+
+
 def describe(rows: int, width: int, device: torch.device) -> str:
     """How the current backend computes a loss over `rows` rows of `width` logits on `device`, in words (the
     trainer's start line says it)."""
-    backend = get_backend()
-    if backend != "triton" and plain_is_chosen(rows, width):
+    if runs_unfused(rows, width):
         return "unfused"
+    backend = get_backend()
     kernel = backend == "triton" or (backend == "auto" and device.type == "cuda")
     return f"fused ({'Triton' if kernel else 'PyTorch'}, chunks of {chunk_rows(rows, width)} rows)"
 
@@ -341,7 +347,7 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
         if bad.any():
             raise ValueError(f"linear_cross_entropy: target {targets[bad][0].item()} is out of bounds for "
                              f"{n} classes")
-    if chunk_size is None and get_backend() != "triton" and plain_is_chosen(targets.numel(), weight.size(0)):
+    if chunk_size is None and runs_unfused(targets.numel(), weight.size(0)):
         return linear_cross_entropy_plain(x, weight, targets, bias, ignore_index, n)
     impl = select("linear_cross_entropy", x, linear_cross_entropy_reference, linear_cross_entropy_triton,
                   _problem(x, weight, bias))
