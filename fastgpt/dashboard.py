@@ -381,14 +381,16 @@ class Live:
                 self.shared = (signature, payload)
             return self.shared[1]
 
-    def refresh(self, seen: dict | None, force: bool = False) -> tuple:
-        """The status line when it changed; the charts, samples and settings when they changed, at once for
-        a new evaluation or checkpoint, else at most every CHART_SECONDS (a tab redraws its charts on each
-        update). `seen` is the tab's own record of what it shows."""
+    def poll(self, seen: dict | None, force: bool = False) -> tuple:
+        """A tab's timer tick: (seen, lines, due). `seen` is the tab's own record of what it shows; `lines`
+        the status lines when they changed; `due` when the charts, samples and settings are to be redrawn:
+        at once for a new evaluation or checkpoint, else at most every CHART_SECONDS (a tab redraws its
+        charts on each update). What did not change is gr.skip(): no update, so the page's components are
+        not even marked as being updated (Gradio animates every component an event updates)."""
         skip = self.gr.skip
         seen = dict(seen or {})
         lines = "  \n".join(f.status() for f in self.folders)
-        status_update = skip() if lines == seen.get("lines") and not force else lines
+        lines_update = skip() if lines == seen.get("lines") and not force else lines
         seen["lines"] = lines
         signature = tuple(f.signature("metrics.jsonl") for f in self.folders)
         evaluations = tuple((len(f.records()[1]), f.signature("ckpt.pt")) for f in self.folders) + tuple(
@@ -397,9 +399,13 @@ class Live:
         due = force or evaluations != seen.get("evaluations") or (
             signature != seen.get("signature") and now - seen.get("at", 0.0) >= CHART_SECONDS)
         if not due:
-            return (status_update, *([skip()] * 7), seen)
-        seen.update(signature=signature, evaluations=evaluations, at=now)
-        return (status_update, *self.payload((signature, evaluations)), seen)
+            return seen, lines_update, skip()
+        seen.update(signature=signature, evaluations=evaluations, at=now, drawn=seen.get("drawn", 0) + 1)
+        return seen, lines_update, {"key": (signature, evaluations), "drawn": seen["drawn"]}
+
+    def charts(self, due: dict | None) -> tuple:
+        """The charts, samples, settings and compare table of `due` (from `poll`)."""
+        return self.payload((due or {}).get("key"))
 
 
 def curves_tab(gr) -> list:
@@ -482,10 +488,12 @@ def build(folders: list[Folder], compares: list[Path], cfg: DashboardConfig):
         with gr.Tab("Settings"):
             settings = gr.Dataframe(elem_id="fg-settings", wrap=True)
             compare = gr.Markdown(compare_markdown(compares), elem_id="fg-compare")
-        seen = gr.State(None)
-        outputs = [status, *charts, samples, settings, compare, seen]
-        page.load(lambda s: live.refresh(s, True), inputs=[seen], outputs=outputs)
-        gr.Timer(cfg.refresh).tick(live.refresh, inputs=[seen], outputs=outputs, show_progress="hidden")
+        # a tick updates only the tab's states; the visible components are updated when these change
+        seen, lines, due = gr.State(None), gr.State(None), gr.State(None)
+        page.load(lambda s: live.poll(s, True), inputs=[seen], outputs=[seen, lines, due])
+        gr.Timer(cfg.refresh).tick(live.poll, inputs=[seen], outputs=[seen, lines, due], show_progress="hidden")
+        lines.change(lambda text: text, inputs=[lines], outputs=[status], show_progress="hidden")
+        due.change(live.charts, inputs=[due], outputs=[*charts, samples, settings, compare], show_progress="hidden")
     return page
 
 
@@ -502,6 +510,72 @@ def unhurried(page) -> None:
     for name in ("sleep_when_free", "progress_update_sleep_when_free"):
         if isinstance(getattr(queue, name, None), (int, float)):
             setattr(queue, name, max(getattr(queue, name), QUEUE_POLL_S))
+
+
+# Gradio 6's page shows a spinner while it loads; the spinner's status tracker then counts the seconds
+# of its "pending" state one animation frame at a time, and when the page is ready the tracker goes with the
+# spinner but its frame loop does not (nothing stops it): an open tab asks for 60 frames a second for as
+# long as it is open, 4-5% of a CPU core in the browser, taken from the training it watches. This script,
+# put ahead of the page's scripts so that it runs before Gradio's, ends any frame loop of the status tracker
+# that changes nothing on the page for a second (60 frames): a loop that counts seconds on screen changes
+# the page every tenth of a second and runs on; a hidden one stops. Everything else's frames pass untouched.
+IDLE_FRAMES_JS = """(() => {
+  const request = window.requestAnimationFrame.bind(window);
+  const tracker = /statustracker-[\\w-]*\\.js/, limit = 60, what = {subtree: true, childList: true,
+    characterData: true, attributes: true};
+  let unchanged = 0;
+  window.requestAnimationFrame = (callback) => {
+    if (!tracker.test(new Error().stack || "")) return request(callback);
+    if (unchanged >= limit) { unchanged = 0; return 0; }
+    return request((time) => {
+      const seen = new MutationObserver(() => {});  // what the frame changes, as its updates land
+      seen.observe(document, what);
+      try { callback(time); } finally {
+        queueMicrotask(() => queueMicrotask(() => {
+          unchanged = seen.takeRecords().length ? 0 : unchanged + 1;
+          seen.disconnect();
+        }));
+      }
+    });
+  };
+})();"""
+
+
+class HeadScript:
+    """ASGI middleware: the HTML pages it serves get `script` ahead of their first script (in the <head>), so
+    it runs before the page's own. Other responses pass through as they are, streamed ones included."""
+
+    def __init__(self, app, script: str):
+        self.app = app
+        self.tag = f"<script>{script}</script>".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("method") != "GET":
+            return await self.app(scope, receive, send)
+        held: dict = {}
+
+        async def edit(message):
+            if message["type"] == "http.response.start":
+                headers = dict(message.get("headers", []))
+                if headers.get(b"content-type", b"").startswith(b"text/html"):
+                    held.update(start=message, body=[])
+                    return
+            if "start" not in held or message["type"] != "http.response.body":
+                return await send(message)
+            held["body"].append(message.get("body", b""))
+            if message.get("more_body"):
+                return
+            body = b"".join(held["body"])
+            head = body.find(b"<head>")
+            at = body.find(b"<script", head)
+            if head >= 0 and at >= 0:
+                body = body[:at] + self.tag + body[at:]
+            start = held["start"]
+            headers = [(k, v) for k, v in start.get("headers", []) if k != b"content-length"]
+            await send({**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+
+        await self.app(scope, receive, edit)
 
 
 def theme():
@@ -541,6 +615,7 @@ def main(argv: list[str]) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device=cuda but this machine has no CUDA GPU: use --device=cpu")
     gr = require_gradio()
+    from starlette.middleware import Middleware  # gradio's web framework
     folders, compares = folders_of(dirs)
     try:
         os.nice(NICENESS)  # a run on this machine comes first: the page yields the CPU to it
@@ -555,7 +630,7 @@ def main(argv: list[str]) -> int:
         page.launch(
             server_name=cfg.host, server_port=cfg.port, inbrowser=cfg.open_browser, share=False, quiet=True,
             show_error=False, theme=theme(), css=CSS, footer_links=[], ssr_mode=False, mcp_server=False,
-            enable_monitoring=False)
+            enable_monitoring=False, app_kwargs={"middleware": [Middleware(HeadScript, script=IDLE_FRAMES_JS)]})
     except OSError as e:
         raise UserError(f"cannot serve on {cfg.host}:{cfg.port} ({e}): choose another --port") from None
     del gr

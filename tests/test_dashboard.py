@@ -5,6 +5,7 @@ samples it shows. The page itself, in Chromium: tests/slow/test_dashboard_browse
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -187,3 +188,71 @@ def test_without_gradio_the_extra_is_named(trained, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_gradio)
     with pytest.raises(UserError, match=r'pip install -e "\.\[dashboard\]"'):
         dashboard.main([str(trained)])
+
+
+def asgi_response(app, method="GET") -> tuple[dict, bytes]:
+    """What an ASGI app sends for one request: the start message and the whole body."""
+    import asyncio
+
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(app({"type": "http", "method": method, "path": "/", "headers": []}, receive, send))
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    return start, b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+
+
+def page_app(content_type: bytes, chunks: list[bytes]):
+    async def app(scope, receive, send):
+        size = str(sum(map(len, chunks))).encode()
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", content_type), (b"content-length", size)]})
+        for i, chunk in enumerate(chunks):
+            await send({"type": "http.response.body", "body": chunk, "more_body": i < len(chunks) - 1})
+    return app
+
+
+def test_the_page_s_html_gets_the_script_ahead_of_its_own():
+    page = [b"<!doctype html><html><head><meta charset='utf-8'><title>x</title>",
+            b"<script>first()</script></head><body><script>later()</script></body></html>"]
+    start, body = asgi_response(dashboard.HeadScript(page_app(b"text/html; charset=utf-8", page), "ours()"))
+    assert body == page[0] + b"<script>ours()</script>" + page[1]  # across the chunks, before the first script
+    assert dict(start["headers"])[b"content-length"] == str(len(body)).encode()
+    for content_type, chunks in ((b"application/json", [b'{"a": "<head><script>"}']),
+                                 (b"text/event-stream", [b"data: <head><script>\n\n", b"data: 2\n\n"])):
+        assert asgi_response(dashboard.HeadScript(page_app(content_type, chunks), "ours()"))[1] == b"".join(chunks)
+    assert asgi_response(dashboard.HeadScript(page_app(b"text/html", page), "ours()"), "POST")[1] == b"".join(page)
+
+
+def test_the_idle_frames_script_names_a_file_of_the_installed_front_end():
+    """IDLE_FRAMES_JS recognises the status tracker's frame requests by the name of the front end's file that
+    makes them: a Gradio release that renames it, or stops asking for frames there, fails here."""
+    import re
+
+    gradio = pytest.importorskip("gradio")
+    pattern = re.search(r"const tracker = /(.+?)/,", dashboard.IDLE_FRAMES_JS).group(1)
+    assets = Path(gradio.__file__).parent / "templates" / "frontend" / "assets"
+    trackers = [p for p in assets.glob("*.js") if re.search(pattern, p.name)]
+    assert trackers and all("requestAnimationFrame" in p.read_text() for p in trackers), pattern
+
+
+def test_a_tick_updates_only_what_changed(trained, tmp_path):
+    gr = pytest.importorskip("gradio")
+    folders, _ = folders_of([str(trained)])
+    label_folders(folders)
+    live = dashboard.Live(gr, folders, [], Models(folders, torch.device("cpu")))
+    seen, lines, due = live.poll(None, True)
+    assert "iter 10" in lines and due["drawn"] == 1
+    loss, timed, speed, mfu, samples, settings, compare = live.charts(due)
+    assert "iter 10" in samples and settings["data"]
+    seen, lines, due = live.poll(seen)  # nothing new: neither the status nor the charts are touched
+    assert isinstance(lines, type(gr.skip())) and isinstance(due, type(gr.skip()))
+    with open(trained / "metrics.jsonl", "a") as f:  # a new evaluation: both at once
+        f.write(json.dumps({**evals(trained)[-1], "iter": 15}) + "\n")
+    seen, lines, due = live.poll(seen)
+    assert "iter 15" in lines and due["drawn"] == 2

@@ -1,6 +1,6 @@
 """fastgpt.dashboard in a real browser: headless Chromium (Debian's `chromium`, which .ci/run installs) driven by
 Playwright. The page is opened on an empty folder, a run then trains into it, and without a reload the page
-shows its curves and samples; an attention map and a streamed generation come from its checkpoint; nothing
+shows its curves and samples, and once idle asks the browser for no animation frames; an attention map and a streamed generation come from its checkpoint; nothing
 is fetched from outside this machine; the server binds 127.0.0.1 and serves none of the run's files."""
 
 from __future__ import annotations
@@ -67,6 +67,12 @@ def status(url: str) -> int:
         return e.code
 
 
+# counts the page's requests for animation frames that reach the browser (the dashboard's own head script,
+# which runs after this, sits in front of it)
+FRAME_COUNTER = """(() => { const request = window.requestAnimationFrame.bind(window); window.fgFrames = 0;
+  window.requestAnimationFrame = (callback) => { window.fgFrames++; return request(callback); }; })();"""
+
+
 def test_the_page_shows_a_run_learning_live_in_chromium(small_corpus, tmp_path):
     playwright = pytest.importorskip("playwright.sync_api")
     browser_path = chromium()
@@ -87,6 +93,7 @@ def test_the_page_shows_a_run_learning_live_in_chromium(small_corpus, tmp_path):
             outside = []
             page.on("request", lambda r: outside.append(r.url) if not r.url.startswith(
                 (f"http://127.0.0.1:{port}", "data:", "blob:")) else None)
+            page.add_init_script(FRAME_COUNTER)
             page.goto(url)
             wait_for(lambda: "no metrics.jsonl yet" in page.inner_text("#fg-status"), 60, "the empty folder's message")
 
@@ -99,6 +106,11 @@ def test_the_page_shows_a_run_learning_live_in_chromium(small_corpus, tmp_path):
             wait_for(lambda: "iter 20" in page.inner_text("#fg-status"), 60, "the run's last iteration")
             page.wait_for_selector("#fg-loss .vega-embed canvas, #fg-loss .vega-embed svg", timeout=30000)
             page.screenshot(path=str(tmp_path / "curves.png"))
+            # watching costs the training nothing while nothing changes: no animation frames are asked for
+            time.sleep(3)
+            before = page.evaluate("window.fgFrames")
+            time.sleep(3)
+            assert page.evaluate("window.fgFrames") - before <= 3, "an idle page keeps asking for frames"
 
             page.get_by_role("tab", name="Samples").click()
             page.wait_for_selector(".fg-sample pre", timeout=30000)
