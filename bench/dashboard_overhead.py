@@ -7,9 +7,9 @@ ways, one after the other on the same machine: alone; alone with no evaluation s
 what the samples cost); and with `python -m fastgpt.dashboard` serving the run while `--tabs` headless
 Chromium tabs (`--chromium`, else Debian's `chromium`; opened through its DevTools endpoint and left
 alone, as a person's browser would be) watch it from before its first step, each refreshing every
-`--refresh` seconds (the dashboard's default, 2). The figure is the median ms/iter of the run's log lines (training time: evaluation
-excluded) and the whole process' wall time; the table gives each round and the medians.
-"""
+`--refresh` seconds (the dashboard's default, 2). The figures: the median ms/iter of the run's log lines,
+its training seconds over all its steps (the summary's train_seconds: every step, evaluation excluded), its
+evaluation seconds, and the whole process' wall time; each round is printed, then the medians."""
 
 from __future__ import annotations
 
@@ -43,7 +43,9 @@ def train(out_dir: Path, args, extra: list[str]) -> dict:
         raise SystemExit(f"training failed:\n{proc.stderr[-2000:]}")
     records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     ms = [r["ms_per_iter"] for r in records if "ms_per_iter" in r][1:]  # the first interval holds warm-up
-    return {"ms_per_iter": statistics.median(ms), "wall_s": wall}
+    summary = next(r for r in records if r.get("summary"))
+    return {"ms_per_iter": statistics.median(ms), "train_s": summary["train_seconds"],
+            "eval_s": summary["eval_seconds"], "wall_s": wall}
 
 
 def free_port() -> int:
@@ -124,16 +126,22 @@ def main(argv=None) -> int:
                 results[case].append(train(Path(tmp) / "alone", args, []) if case == "alone" else
                                      train(Path(tmp) / "plain", args, ["--eval_sample=0"]) if case == "no samples"
                                      else watched(Path(tmp) / "watched", args))
-            print(f"round {round_ + 1}: " + ", ".join(f"{c} {results[c][-1]['ms_per_iter']:.1f} ms/iter "
-                                                      f"({results[c][-1]['wall_s']:.1f} s)" for c in cases), flush=True)
+            print(f"round {round_ + 1}: " + ", ".join(
+                f"{c} {results[c][-1]['ms_per_iter']:.1f} ms/iter, training {results[c][-1]['train_s']:.1f} s, "
+                f"evaluation {results[c][-1]['eval_s']:.1f} s, process {results[c][-1]['wall_s']:.1f} s"
+                for c in cases), flush=True)
     if args.only:
         return 0
-    medians = {c: {k: statistics.median(r[k] for r in results[c]) for k in ("ms_per_iter", "wall_s")} for c in CASES}
+    keys = ("ms_per_iter", "train_s", "eval_s", "wall_s")
+    medians = {c: {k: statistics.median(r[k] for r in results[c]) for k in keys} for c in CASES}
     print(f"\ncpu preset, {args.max_iters} iterations, {args.tabs} tab(s), {args.rounds} round(s), medians:")
-    print("| run | ms/iter | vs alone | whole process |\n|---|---|---|---|")
+    print("| run | ms/iter | training (all steps) | vs alone | evaluation | whole process | vs alone |\n"
+          "|---|---|---|---|---|---|---|")
+    alone = medians["alone"]
     for c in CASES:
-        print(f"| {c} | {medians[c]['ms_per_iter']:.1f} | {medians[c]['ms_per_iter'] / medians['alone']['ms_per_iter']:.3f}x "
-              f"| {medians[c]['wall_s']:.1f} s |")
+        m = medians[c]
+        print(f"| {c} | {m['ms_per_iter']:.1f} | {m['train_s']:.1f} s | {m['train_s'] / alone['train_s']:.3f}x "
+              f"| {m['eval_s']:.1f} s | {m['wall_s']:.1f} s | {m['wall_s'] / alone['wall_s']:.3f}x |")
     if args.out:
         with open(args.out, "x") as f:
             json.dump({"args": vars(args), "rounds": results, "medians": medians}, f, indent=1)

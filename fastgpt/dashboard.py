@@ -18,7 +18,9 @@ default, leaving a GPU to the training).
 
 from __future__ import annotations
 
+import hashlib
 import html
+import json
 import os
 import threading
 import time
@@ -346,14 +348,28 @@ def message(e: Exception) -> str:
     return f"⚠ {e}"
 
 
-class Live:
-    """What every tab of the page shares: the folders, their models, and the charts' data, built once per
-    change for all tabs; `refresh` is a tab's timer tick."""
+PARTS = ("loss", "timed", "speed", "mfu", "samples", "settings", "compare")  # the page's parts a tick may redraw
 
-    def __init__(self, gr, folders: list[Folder], compares: list[Path], models: Models):
-        self.gr, self.folders, self.compares, self.models = gr, folders, compares, models
+
+def digest(value) -> str:
+    """A short fingerprint of what a part of the page shows: equal for equal contents."""
+    def plain(v):
+        if hasattr(v, "to_json"):  # a pandas DataFrame
+            return v.to_json()
+        if isinstance(v, dict):
+            return {str(k): plain(x) for k, x in v.items()}
+        return v
+    return hashlib.sha1(json.dumps(plain(value), sort_keys=True, default=repr).encode()).hexdigest()[:16]
+
+
+class Live:
+    """What every tab of the page shares: the folders, their models, and the page's parts (charts, samples,
+    settings, compare table), built once per change for all tabs; `watch` streams a tab's updates."""
+
+    def __init__(self, gr, folders: list[Folder], compares: list[Path], models: Models, refresh: float = 2.0):
+        self.gr, self.folders, self.compares, self.models, self.refresh = gr, folders, compares, models, refresh
         self.prompts: dict[int, str] = {}
-        self.shared: tuple = (None, None)  # (signature, payload)
+        self.shared: tuple = (None, {}, {})  # (signature, {part: value}, {part: digest})
         self.lock = threading.Lock()
 
     def run_prompt(self, i: int) -> str:
@@ -366,7 +382,8 @@ class Live:
                 return ""
         return self.prompts[i]
 
-    def payload(self, signature) -> tuple:
+    def payload(self, signature) -> tuple[dict, dict]:
+        """({part: value}, {part: digest}) as of `signature`, built once for every tab."""
         with self.lock:
             if self.shared[0] != signature:
                 folders = self.folders
@@ -374,38 +391,53 @@ class Live:
                 for i in range(len(folders)):
                     self.run_prompt(i)
                 loss, timed, speed, mfu = curves(folders)
-                payload = (loss, timed, speed, self.gr.update(value=mfu, visible=len(mfu) > 0),
-                           samples_html(folders, self.prompts),
-                           {"headers": header, "data": rows or [["(no ckpt.pt yet)", *[""] * len(folders)]]},
-                           compare_markdown(self.compares))
-                self.shared = (signature, payload)
-            return self.shared[1]
+                values = dict(zip(PARTS, (
+                    loss, timed, speed, self.gr.update(value=mfu, visible=len(mfu) > 0),
+                    samples_html(folders, self.prompts),
+                    {"headers": header, "data": rows or [["(no ckpt.pt yet)", *[""] * len(folders)]]},
+                    compare_markdown(self.compares))))
+                self.shared = (signature, values, {part: digest(v) for part, v in values.items()})
+            return self.shared[1], self.shared[2]
 
-    def poll(self, seen: dict | None, force: bool = False) -> tuple:
-        """A tab's timer tick: (seen, lines, due). `seen` is the tab's own record of what it shows; `lines`
-        the status lines when they changed; `due` when the charts, samples and settings are to be redrawn:
-        at once for a new evaluation or checkpoint, else at most every CHART_SECONDS (a tab redraws its
-        charts on each update). What did not change is gr.skip(): no update, so the page's components are
-        not even marked as being updated (Gradio animates every component an event updates)."""
-        skip = self.gr.skip
-        seen = dict(seen or {})
+    def update(self, seen: dict, force: bool = False) -> tuple | None:
+        """What a tab is to redraw now: (status, *PARTS) with gr.skip() for what did not change, or None
+        when nothing did. `seen` is the tab's own record of what it shows (updated here). The status line
+        when it changed; a part when its contents changed: at once for a new evaluation or checkpoint, else
+        at most every CHART_SECONDS (a tab redraws a chart whole). Gradio animates every component an
+        update names, even one it leaves as it is, so only what changed is named."""
+        skipped = self.gr.skip()
         lines = "  \n".join(f.status() for f in self.folders)
-        lines_update = skip() if lines == seen.get("lines") and not force else lines
+        status = lines if force or lines != seen.get("lines") else skipped
         seen["lines"] = lines
         signature = tuple(f.signature("metrics.jsonl") for f in self.folders)
         evaluations = tuple((len(f.records()[1]), f.signature("ckpt.pt")) for f in self.folders) + tuple(
             Folder(c).signature("compare.md") for c in self.compares)
         now = time.monotonic()
-        due = force or evaluations != seen.get("evaluations") or (
-            signature != seen.get("signature") and now - seen.get("at", 0.0) >= CHART_SECONDS)
-        if not due:
-            return seen, lines_update, skip()
-        seen.update(signature=signature, evaluations=evaluations, at=now, drawn=seen.get("drawn", 0) + 1)
-        return seen, lines_update, {"key": (signature, evaluations), "drawn": seen["drawn"]}
+        parts = [skipped] * len(PARTS)
+        if force or evaluations != seen.get("evaluations") or (
+                signature != seen.get("signature") and now - seen.get("at", 0.0) >= CHART_SECONDS):
+            seen.update(signature=signature, evaluations=evaluations, at=now)
+            values, digests = self.payload((signature, evaluations))
+            shown = seen.setdefault("shown", {})
+            for i, part in enumerate(PARTS):
+                if force or shown.get(part) != digests[part]:
+                    parts[i], shown[part] = values[part], digests[part]
+        changed = lines is status or any(part is not skipped for part in parts)
+        return (status, *parts) if changed else None
 
-    def charts(self, due: dict | None) -> tuple:
-        """The charts, samples, settings and compare table of `due` (from `poll`)."""
-        return self.payload((due or {}).get("key"))
+    async def watch(self):
+        """A tab's updates, streamed for as long as it is open: the folders are looked at every `refresh`
+        seconds, and the tab hears only of what changed. One event per tab, no request per look: an open
+        tab costs nothing while its runs stand still."""
+        import asyncio
+
+        seen: dict = {}
+        update = await asyncio.to_thread(self.update, seen, True)
+        while True:
+            if update is not None:
+                yield update
+            await asyncio.sleep(self.refresh)
+            update = await asyncio.to_thread(self.update, seen)
 
 
 def curves_tab(gr) -> list:
@@ -473,7 +505,7 @@ def generate_tab(gr, names: list, models: Models) -> None:
 def build(folders: list[Folder], compares: list[Path], cfg: DashboardConfig):
     gr = require_gradio()
     models = Models(folders, torch.device(cfg.device))
-    live = Live(gr, folders, compares, models)
+    live = Live(gr, folders, compares, models, cfg.refresh)
     names = [(f.label, i) for i, f in enumerate(folders)]
     with gr.Blocks(title="fastgpt dashboard", analytics_enabled=False) as page:
         gr.Markdown("# fastgpt: watch it learn")
@@ -488,12 +520,9 @@ def build(folders: list[Folder], compares: list[Path], cfg: DashboardConfig):
         with gr.Tab("Settings"):
             settings = gr.Dataframe(elem_id="fg-settings", wrap=True)
             compare = gr.Markdown(compare_markdown(compares), elem_id="fg-compare")
-        # a tick updates only the tab's states; the visible components are updated when these change
-        seen, lines, due = gr.State(None), gr.State(None), gr.State(None)
-        page.load(lambda s: live.poll(s, True), inputs=[seen], outputs=[seen, lines, due])
-        gr.Timer(cfg.refresh).tick(live.poll, inputs=[seen], outputs=[seen, lines, due], show_progress="hidden")
-        lines.change(lambda text: text, inputs=[lines], outputs=[status], show_progress="hidden")
-        due.change(live.charts, inputs=[due], outputs=[*charts, samples, settings, compare], show_progress="hidden")
+        # one streamed event per tab: it sends what changed, when it changed, and nothing in between
+        page.load(live.watch, outputs=[status, *charts, samples, settings, compare], show_progress="hidden",
+                  concurrency_limit=None)
     return page
 
 

@@ -241,18 +241,26 @@ def test_the_idle_frames_script_names_a_file_of_the_installed_front_end():
     assert trackers and all("requestAnimationFrame" in p.read_text() for p in trackers), pattern
 
 
-def test_a_tick_updates_only_what_changed(trained, tmp_path):
+def test_a_tab_hears_only_of_what_changed(trained, tmp_path):
     gr = pytest.importorskip("gradio")
     folders, _ = folders_of([str(trained)])
     label_folders(folders)
     live = dashboard.Live(gr, folders, [], Models(folders, torch.device("cpu")))
-    seen, lines, due = live.poll(None, True)
-    assert "iter 10" in lines and due["drawn"] == 1
-    loss, timed, speed, mfu, samples, settings, compare = live.charts(due)
-    assert "iter 10" in samples and settings["data"]
-    seen, lines, due = live.poll(seen)  # nothing new: neither the status nor the charts are touched
-    assert isinstance(lines, type(gr.skip())) and isinstance(due, type(gr.skip()))
-    with open(trained / "metrics.jsonl", "a") as f:  # a new evaluation: both at once
-        f.write(json.dumps({**evals(trained)[-1], "iter": 15}) + "\n")
-    seen, lines, due = live.poll(seen)
-    assert "iter 15" in lines and due["drawn"] == 2
+    def skipped(value):
+        return isinstance(value, dict) and value == gr.skip()
+
+    seen = {}
+    status, *parts = live.update(seen, True)  # a tab's first look: everything
+    parts = dict(zip(dashboard.PARTS, parts))
+    assert "iter 10" in status and not any(map(skipped, parts.values()))
+    assert "iter 10" in parts["samples"] and parts["settings"]["data"]
+    assert list(parts["timed"]["val loss"]) == [r["val_loss"] for r in evals(trained)]
+    assert live.update(seen) is None  # nothing new: nothing sent
+    with open(trained / "metrics.jsonl", "a") as f:  # a new evaluation: at once, and only what it changes
+        f.write(json.dumps({**evals(trained)[-1], "iter": 15, "sample": "new"}) + "\n")
+    status, *parts = live.update(seen)
+    parts = dict(zip(dashboard.PARTS, parts))
+    assert "iter 15" in status and "new" in parts["samples"] and 15 in list(parts["loss"]["iteration"])
+    assert [p for p, v in parts.items() if not skipped(v)] == ["loss", "timed", "samples"]
+    assert live.update(seen) is None
+    assert not any(map(skipped, live.update({}, True)))  # another tab, opened now, gets everything
