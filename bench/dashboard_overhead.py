@@ -1,15 +1,18 @@
 """What watching costs: a training run's speed alone and with the dashboard open in browser tabs, side by side.
 
-    python -m bench.dashboard_overhead --data_file=PATH [--tabs=4] [--rounds=3] [--max_iters=1000] [--out=FILE.json]
+    python -m bench.dashboard_overhead --data_file=PATH [--tabs=4] [--hidden=0] [--rounds=3] [--max_iters=1000]
+        [--out=FILE.json]
 
 Each round trains the cpu preset (`--max_iters`, one evaluation sample per evaluation as by default) three
 ways, one after the other on the same machine: alone; alone with no evaluation samples (`--eval_sample=0`,
 what the samples cost); and with `python -m fastgpt.dashboard` serving the run while `--tabs` headless
 Chromium tabs (`--chromium`, else Debian's `chromium`; opened through its DevTools endpoint and left
-alone, as a person's browser would be) watch it from before its first step, each refreshing every
-`--refresh` seconds (the dashboard's default, 2). The figures: the median ms/iter of the run's log lines,
-its training seconds over all its steps (the summary's train_seconds: every step, evaluation excluded), its
-evaluation seconds, and the whole process' wall time; each round is printed, then the medians."""
+alone, as a person's browser would be) watch it from before its first step, the page looking at the run
+every `--refresh` seconds (the dashboard's default, 2); `--hidden` of them are background tabs (headless
+Chromium shows every tab, so these are told they are hidden, as a browser tells a background tab). The
+figures: the median ms/iter of the run's log lines, its training seconds over all its steps (the summary's
+train_seconds: every step, evaluation excluded), its evaluation seconds, and the whole process' wall time;
+each round is printed, then the medians."""
 
 from __future__ import annotations
 
@@ -66,6 +69,30 @@ def wait_http(url: str, timeout: float) -> None:
             time.sleep(0.5)
 
 
+# what a browser tells a page when it hides it (a background tab, a minimised window); headless Chromium
+# shows every tab, so the background tabs are told so
+HIDE = """Object.defineProperty(document, "visibilityState", {value: "hidden", configurable: true});
+document.dispatchEvent(new Event("visibilitychange"));"""
+
+
+def hide_tabs(devtools: int, n: int) -> None:
+    """Tell `n` of the browser's tabs they are hidden, through its DevTools endpoint (Playwright connects,
+    says it, and leaves: the tabs stay open and undriven)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.connect_over_cdp(f"http://127.0.0.1:{devtools}")
+        pages = [page for context in browser.contexts for page in context.pages]
+        if len(pages) < n:
+            raise SystemExit(f"{len(pages)} tabs open, {n} to hide")
+        for page in pages[:n]:
+            page.evaluate(HIDE)
+        browser.close()
+    with urllib.request.urlopen(f"http://127.0.0.1:{devtools}/json/list", timeout=30) as r:
+        if sum(t.get("type") == "page" for t in json.load(r)) < n:
+            raise SystemExit("the hidden tabs closed when Playwright left")
+
+
 def watched(out_dir: Path, args) -> dict:
     """The run trained while the dashboard serves it to `args.tabs` tabs of one headless Chromium, which
     is driven by nothing (the tabs are opened through its DevTools HTTP endpoint and left alone, as a
@@ -91,6 +118,8 @@ def watched(out_dir: Path, args) -> dict:
                 request = urllib.request.Request(f"http://127.0.0.1:{devtools}/json/new?{url}", method="PUT")
                 urllib.request.urlopen(request, timeout=30).close()
         time.sleep(SETTLE_S)  # the pages' first render done: what is measured is watching, not loading
+        if args.hidden:
+            hide_tabs(devtools, args.hidden)
         return train(out_dir, args, [])
     finally:
         if browser is not None:  # Chromium's own processes with it
@@ -108,14 +137,15 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--max_iters", type=int, default=1000)
     p.add_argument("--refresh", type=float, default=2.0, help="the dashboard's --refresh")
+    p.add_argument("--hidden", type=int, default=0, help="of the tabs, how many are background tabs")
     p.add_argument("--only", choices=CASES, help="run this case alone (each round)")
     p.add_argument("--chromium", default=shutil.which("chromium") or "")
     p.add_argument("--out", default="")
     args = p.parse_args(argv)
     if not args.chromium:
         p.error("no chromium found: pass --chromium=PATH (Debian: apt-get install chromium)")
-    if args.tabs < 0 or args.rounds < 1 or args.max_iters < 20:
-        p.error("--tabs must be >= 0, --rounds >= 1, --max_iters >= 20")
+    if args.tabs < 0 or args.rounds < 1 or args.max_iters < 20 or not 0 <= args.hidden <= args.tabs:
+        p.error("--tabs must be >= 0, --rounds >= 1, --max_iters >= 20, --hidden between 0 and --tabs")
     if args.out and os.path.exists(args.out):
         p.error(f"--out={args.out} exists: choose another file")
     results: dict[str, list[dict]] = {case: [] for case in CASES}
@@ -134,7 +164,8 @@ def main(argv=None) -> int:
         return 0
     keys = ("ms_per_iter", "train_s", "eval_s", "wall_s")
     medians = {c: {k: statistics.median(r[k] for r in results[c]) for k in keys} for c in CASES}
-    print(f"\ncpu preset, {args.max_iters} iterations, {args.tabs} tab(s), {args.rounds} round(s), medians:")
+    print(f"\ncpu preset, {args.max_iters} iterations, {args.tabs} tab(s) ({args.hidden} hidden), {args.rounds} "
+          f"round(s), medians:")
     print("| run | ms/iter | training (all steps) | vs alone | evaluation | whole process | vs alone |\n"
           "|---|---|---|---|---|---|---|")
     alone = medians["alone"]

@@ -341,6 +341,7 @@ CSS = """
 .fg-sample {margin-bottom: 10px;}
 .fg-sample-head {font-size: 0.85em; opacity: 0.75;}
 .fg-sample pre {white-space: pre-wrap; margin: 2px 0; font-size: 0.85em;}
+.fg-gone {display: none !important;}
 """
 
 
@@ -364,12 +365,13 @@ def digest(value) -> str:
 
 class Live:
     """What every tab of the page shares: the folders, their models, and the page's parts (charts, samples,
-    settings, compare table), built once per change for all tabs; `watch` streams a tab's updates."""
+    settings, compare table), built once per change for all tabs; `stream` sends a tab its updates."""
 
     def __init__(self, gr, folders: list[Folder], compares: list[Path], models: Models, refresh: float = 2.0):
         self.gr, self.folders, self.compares, self.models, self.refresh = gr, folders, compares, models, refresh
         self.prompts: dict[int, str] = {}
         self.shared: tuple = (None, {}, {})  # (signature, {part: value}, {part: digest})
+        self.hidden: set[str] = set()  # the sessions (tabs) whose browser does not show them
         self.lock = threading.Lock()
 
     def run_prompt(self, i: int) -> str:
@@ -399,45 +401,84 @@ class Live:
                 self.shared = (signature, values, {part: digest(v) for part, v in values.items()})
             return self.shared[1], self.shared[2]
 
-    def update(self, seen: dict, force: bool = False) -> tuple | None:
-        """What a tab is to redraw now: (status, *PARTS) with gr.skip() for what did not change, or None
-        when nothing did. `seen` is the tab's own record of what it shows (updated here). The status line
-        when it changed; a part when its contents changed: at once for a new evaluation or checkpoint, else
-        at most every CHART_SECONDS (a tab redraws a chart whole). Gradio animates every component an
-        update names, even one it leaves as it is, so only what changed is named."""
-        skipped = self.gr.skip()
+    def status(self, seen: dict, force: bool = False) -> str | None:
+        """The status lines when they changed since the tab's `seen`, else None."""
         lines = "  \n".join(f.status() for f in self.folders)
-        status = lines if force or lines != seen.get("lines") else skipped
+        if lines == seen.get("lines") and not force:
+            return None
         seen["lines"] = lines
+        return lines
+
+    def parts(self, seen: dict, force: bool = False) -> list | None:
+        """The PARTS a tab is to redraw now, gr.skip() for those whose contents did not change, or None when
+        none did; `seen` is the tab's record of what it shows. A part is redrawn at once for a new evaluation
+        or checkpoint, else at most every CHART_SECONDS (a tab redraws a chart whole)."""
         signature = tuple(f.signature("metrics.jsonl") for f in self.folders)
         evaluations = tuple((len(f.records()[1]), f.signature("ckpt.pt")) for f in self.folders) + tuple(
             Folder(c).signature("compare.md") for c in self.compares)
         now = time.monotonic()
-        parts = [skipped] * len(PARTS)
-        if force or evaluations != seen.get("evaluations") or (
-                signature != seen.get("signature") and now - seen.get("at", 0.0) >= CHART_SECONDS):
-            seen.update(signature=signature, evaluations=evaluations, at=now)
-            values, digests = self.payload((signature, evaluations))
-            shown = seen.setdefault("shown", {})
-            for i, part in enumerate(PARTS):
-                if force or shown.get(part) != digests[part]:
-                    parts[i], shown[part] = values[part], digests[part]
-        changed = lines is status or any(part is not skipped for part in parts)
-        return (status, *parts) if changed else None
+        if not (force or evaluations != seen.get("evaluations") or (
+                signature != seen.get("signature") and now - seen.get("at", 0.0) >= CHART_SECONDS)):
+            return None
+        seen.update(signature=signature, evaluations=evaluations, at=now)
+        values, digests = self.payload((signature, evaluations))
+        shown = seen.setdefault("shown", {})
+        changed = [part for part in PARTS if force or shown.get(part) != digests[part]]
+        shown.update((part, digests[part]) for part in changed)
+        return [values[part] if part in changed else self.gr.skip() for part in PARTS] if changed else None
 
-    async def watch(self):
-        """A tab's updates, streamed for as long as it is open: the folders are looked at every `refresh`
-        seconds, and the tab hears only of what changed. One event per tab, no request per look: an open
-        tab costs nothing while its runs stand still."""
+    def update(self, seen: dict, force: bool = False) -> tuple | None:
+        """(status, *PARTS) for a tab, gr.skip() for what did not change; None when nothing did. Gradio's
+        page handles an update for every component it names, even one left as it is, so only what changed
+        is named."""
+        status, parts = self.status(seen, force), self.parts(seen, force)
+        if status is None and parts is None:
+            return None
+        return (self.gr.skip() if status is None else status, *(parts or [self.gr.skip()] * len(PARTS)))
+
+    def shown(self, state: str, request) -> None:
+        """A tab says whether its browser shows it (document.visibilityState): a hidden tab hears nothing
+        until it is shown again, and then at once of all that changed meanwhile."""
+        session = getattr(request, "session_hash", None)
+        if session is not None:
+            (self.hidden.add if state == "hidden" else self.hidden.discard)(session)
+
+    def telling(self):
+        """The event handler by which a tab says whether it is shown (see `shown`)."""
+        def told(state, request):
+            self.shown(state, request)
+
+        told.__annotations__ = {"state": str, "request": self.gr.Request}  # Gradio passes the request by type
+        return told
+
+    def stream(self):
+        """The event that sends a tab its updates for as long as it is open: the folders are looked at every
+        `refresh` seconds (not while the tab is hidden), and the tab hears only of what changed. One
+        streamed event per tab, no request per look: an open tab costs nothing while its runs stand still."""
         import asyncio
 
-        seen: dict = {}
-        update = await asyncio.to_thread(self.update, seen, True)
-        while True:
-            if update is not None:
-                yield update
-            await asyncio.sleep(self.refresh)
-            update = await asyncio.to_thread(self.update, seen)
+        async def watch(request):
+            session, seen = getattr(request, "session_hash", None), {}
+            try:
+                update = await asyncio.to_thread(self.update, seen, True)
+                while True:
+                    if update is not None:
+                        yield update
+                    await asyncio.sleep(self.refresh)
+                    update = None if session in self.hidden else await asyncio.to_thread(self.update, seen)
+            finally:
+                self.hidden.discard(session)
+
+        watch.__annotations__ = {"request": self.gr.Request}  # Gradio passes the request by this type
+        return watch
+
+
+# the page tells the server when its browser hides or shows it (and at once if it opens hidden)
+VISIBILITY_JS = """() => {
+  const say = () => document.querySelector("button#fg-visibility-go, #fg-visibility-go button")?.click();
+  document.addEventListener("visibilitychange", say);
+  if (document.visibilityState === "hidden") say();
+}"""
 
 
 def curves_tab(gr) -> list:
@@ -521,8 +562,14 @@ def build(folders: list[Folder], compares: list[Path], cfg: DashboardConfig):
             settings = gr.Dataframe(elem_id="fg-settings", wrap=True)
             compare = gr.Markdown(compare_markdown(compares), elem_id="fg-compare")
         # one streamed event per tab: it sends what changed, when it changed, and nothing in between
-        page.load(live.watch, outputs=[status, *charts, samples, settings, compare], show_progress="hidden",
+        page.load(live.stream(), outputs=[status, *charts, samples, settings, compare], show_progress="hidden",
                   concurrency_limit=None)
+        # and nothing while the browser does not show the tab (a background tab, a minimised window)
+        visibility = gr.Textbox(elem_id="fg-visibility", elem_classes="fg-gone", container=False)
+        said = gr.Button(elem_id="fg-visibility-go", elem_classes="fg-gone")
+        said.click(live.telling(), inputs=[visibility], js="() => document.visibilityState", show_progress="hidden",
+                   queue=False)
+        page.load(None, js=VISIBILITY_JS)
     return page
 
 

@@ -246,6 +246,7 @@ def test_a_tab_hears_only_of_what_changed(trained, tmp_path):
     folders, _ = folders_of([str(trained)])
     label_folders(folders)
     live = dashboard.Live(gr, folders, [], Models(folders, torch.device("cpu")))
+
     def skipped(value):
         return isinstance(value, dict) and value == gr.skip()
 
@@ -264,3 +265,31 @@ def test_a_tab_hears_only_of_what_changed(trained, tmp_path):
     assert [p for p, v in parts.items() if not skipped(v)] == ["loss", "timed", "samples"]
     assert live.update(seen) is None
     assert not any(map(skipped, live.update({}, True)))  # another tab, opened now, gets everything
+
+
+def test_a_hidden_tab_hears_nothing_until_it_is_shown(trained):
+    import asyncio
+    from types import SimpleNamespace
+
+    gr = pytest.importorskip("gradio")
+    folders, _ = folders_of([str(trained)])
+    label_folders(folders)
+    live = dashboard.Live(gr, folders, [], Models(folders, torch.device("cpu")), refresh=0.01)
+    tab, other = SimpleNamespace(session_hash="tab"), SimpleNamespace(session_hash="other")
+
+    async def watch():
+        stream, others = live.stream()(tab), live.stream()(other)
+        assert "iter 10" in (await anext(stream))[0] and "iter 10" in (await anext(others))[0]
+        live.shown("hidden", tab)
+        with open(trained / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({**evals(trained)[-1], "iter": 15}) + "\n")
+        assert "iter 15" in (await asyncio.wait_for(anext(others), 5))[0]  # a shown tab hears of it
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(pending := asyncio.ensure_future(anext(stream))), 0.5)
+        live.shown("visible", tab)
+        assert "iter 15" in (await asyncio.wait_for(pending, 5))[0]  # and it hears at once when shown
+        await stream.aclose()
+        await others.aclose()
+        assert live.hidden == set()
+
+    asyncio.run(watch())

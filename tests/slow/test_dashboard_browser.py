@@ -1,10 +1,12 @@
 """fastgpt.dashboard in a real browser: headless Chromium (Debian's `chromium`, which .ci/run installs) driven by
 Playwright. The page is opened on an empty folder, a run then trains into it, and without a reload the page
-shows its curves and samples, and once idle asks the browser for no animation frames; an attention map and a streamed generation come from its checkpoint; nothing
+shows its curves and samples, and once idle asks the browser for no animation frames, nor hears of
+changes while hidden; an attention map and a streamed generation come from its checkpoint; nothing
 is fetched from outside this machine; the server binds 127.0.0.1 and serves none of the run's files."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -72,6 +74,10 @@ def status(url: str) -> int:
 FRAME_COUNTER = """(() => { const request = window.requestAnimationFrame.bind(window); window.fgFrames = 0;
   window.requestAnimationFrame = (callback) => { window.fgFrames++; return request(callback); }; })();"""
 
+# what a browser does to a page it hides or shows again
+SHOWN = """Object.defineProperty(document, "visibilityState", {value: "%s", configurable: true});
+document.dispatchEvent(new Event("visibilitychange"));"""
+
 
 def test_the_page_shows_a_run_learning_live_in_chromium(small_corpus, tmp_path):
     playwright = pytest.importorskip("playwright.sync_api")
@@ -111,6 +117,16 @@ def test_the_page_shows_a_run_learning_live_in_chromium(small_corpus, tmp_path):
             before = page.evaluate("window.fgFrames")
             time.sleep(3)
             assert page.evaluate("window.fgFrames") - before <= 3, "an idle page keeps asking for frames"
+            # a tab its browser hides (a background tab) hears nothing until it is shown again
+            page.evaluate(SHOWN % "hidden")
+            time.sleep(1.5)
+            step = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r][-1]
+            with open(run / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({**step, "iter": 25}) + "\n")
+            time.sleep(3)
+            assert "iter 25" not in page.inner_text("#fg-status")
+            page.evaluate(SHOWN % "visible")
+            wait_for(lambda: "iter 25" in page.inner_text("#fg-status"), 15, "the update once the tab is shown")
 
             page.get_by_role("tab", name="Samples").click()
             page.wait_for_selector(".fg-sample pre", timeout=30000)
