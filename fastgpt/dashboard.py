@@ -51,7 +51,7 @@ MAX_POINTS = 500  # points per series on a chart: longer series are thinned even
 class DashboardConfig:
     port: int = 7860  # the page's port
     host: str = "127.0.0.1"  # the address it binds: 127.0.0.1 is this machine only; 0.0.0.0 every network
-    refresh: float = 2.0  # seconds between the page's updates
+    refresh: float = 2.0  # seconds between looks at the run folders (a tab hears only of changes)
     device: str = "cpu"  # where the attention and generation tabs run the model
     open_browser: bool = False  # open the page in this machine's browser
 
@@ -349,7 +349,7 @@ def message(e: Exception) -> str:
     return f"⚠ {e}"
 
 
-PARTS = ("loss", "timed", "speed", "mfu", "samples", "settings", "compare")  # the page's parts a tick may redraw
+PARTS = ("loss", "timed", "speed", "mfu", "samples", "settings", "compare")  # the parts an update may redraw
 
 
 def digest(value) -> str:
@@ -371,7 +371,8 @@ class Live:
         self.gr, self.folders, self.compares, self.models, self.refresh = gr, folders, compares, models, refresh
         self.prompts: dict[int, str] = {}
         self.shared: tuple = (None, {}, {})  # (signature, {part: value}, {part: digest})
-        self.hidden: set[str] = set()  # the sessions (tabs) whose browser does not show them
+        self.watching: set[str] = set()  # the sessions (tabs) being sent updates
+        self.hidden: set[str] = set()  # those of them whose browser does not show them
         self.lock = threading.Lock()
 
     def run_prompt(self, i: int) -> str:
@@ -436,12 +437,26 @@ class Live:
             return None
         return (self.gr.skip() if status is None else status, *(parts or [self.gr.skip()] * len(PARTS)))
 
+    def look(self, seen: dict, force: bool = False) -> tuple | None:
+        """`update`, or when the folders could not be read (a file changing under the page), a status line
+        that says so; the next look starts the tab afresh."""
+        try:
+            return self.update(seen, force)
+        except Exception as e:
+            text = f"⚠ could not read the runs ({type(e).__name__}: {e}): looking again every {self.refresh:g} s"
+            said = seen.get("failure") == text
+            seen.clear()  # what the tab shows is not known: the next look that succeeds sends it all
+            seen["failure"] = text
+            return None if said else (text, *[self.gr.skip()] * len(PARTS))
+
     def shown(self, state: str, request) -> None:
         """A tab says whether its browser shows it (document.visibilityState): a hidden tab hears nothing
         until it is shown again, and then at once of all that changed meanwhile."""
         session = getattr(request, "session_hash", None)
-        if session is not None:
-            (self.hidden.add if state == "hidden" else self.hidden.discard)(session)
+        if state == "hidden" and session in self.watching:
+            self.hidden.add(session)
+        else:
+            self.hidden.discard(session)
 
     def telling(self):
         """The event handler by which a tab says whether it is shown (see `shown`)."""
@@ -459,14 +474,16 @@ class Live:
 
         async def watch(request):
             session, seen = getattr(request, "session_hash", None), {}
+            self.watching.add(session)
             try:
-                update = await asyncio.to_thread(self.update, seen, True)
+                update = await asyncio.to_thread(self.look, seen, True)
                 while True:
                     if update is not None:
                         yield update
                     await asyncio.sleep(self.refresh)
-                    update = None if session in self.hidden else await asyncio.to_thread(self.update, seen)
+                    update = None if session in self.hidden else await asyncio.to_thread(self.look, seen)
             finally:
+                self.watching.discard(session)
                 self.hidden.discard(session)
 
         watch.__annotations__ = {"request": self.gr.Request}  # Gradio passes the request by this type

@@ -293,3 +293,19 @@ def test_a_hidden_tab_hears_nothing_until_it_is_shown(trained):
         assert live.hidden == set()
 
     asyncio.run(watch())
+
+
+def test_a_look_that_fails_is_a_message_and_the_next_starts_afresh(trained, monkeypatch):
+    gr = pytest.importorskip("gradio")
+    folders, _ = folders_of([str(trained)])
+    live = dashboard.Live(gr, folders, [], Models(folders, torch.device("cpu")))
+    seen = {}
+    assert live.look(seen, True) is not None and live.look(seen) is None
+    real = live.parts
+    monkeypatch.setattr(live, "parts", lambda *a: (_ for _ in ()).throw(OSError("gone")))
+    status, *parts = live.look(seen)
+    assert "could not read the runs (OSError: gone)" in status and all(p == gr.skip() for p in parts)
+    assert live.look(seen) is None  # said once
+    monkeypatch.setattr(live, "parts", real)
+    status, *parts = live.look(seen)  # readable again: everything redrawn
+    assert "iter 10" in status and not any(isinstance(p, dict) and p == gr.skip() for p in parts)
