@@ -43,6 +43,7 @@ SAMPLES_SHOWN = 40  # evaluations per run on the samples tab, newest first
 MAX_NEW_TOKENS = 2000
 MODELS_KEPT = 2  # loaded models kept for the attention and generation tabs
 NICENESS = 10  # the dashboard's scheduling priority below the training it watches
+KEEPALIVE_S = 60.0  # a tab that heard nothing for this long is sent an empty update (Gradio ends a closed tab's)
 CHART_SECONDS = 10.0  # a tab's charts are redrawn at most this often between evaluations
 MAX_POINTS = 500  # points per series on a chart: longer series are thinned evenly (the last point kept)
 
@@ -373,6 +374,7 @@ class Live:
         self.shared: tuple = (None, {}, {})  # (signature, {part: value}, {part: digest})
         self.watching: set[str] = set()  # the sessions (tabs) being sent updates
         self.hidden: set[str] = set()  # those of them whose browser does not show them
+        self.closed: set[str] = set()  # those of them closed, their streams not yet ended
         self.lock = threading.Lock()
 
     def run_prompt(self, i: int) -> str:
@@ -466,6 +468,16 @@ class Live:
         told.__annotations__ = {"state": str, "request": self.gr.Request}  # Gradio passes the request by type
         return told
 
+    def closing(self):
+        """The handler of Gradio's unload event (a tab closed or reloaded): its stream ends."""
+        def unload(request):
+            session = getattr(request, "session_hash", None)
+            if session in self.watching:
+                self.closed.add(session)
+
+        unload.__annotations__ = {"request": self.gr.Request}
+        return unload
+
     def stream(self):
         """The event that sends a tab its updates for as long as it is open: the folders are looked at every
         `refresh` seconds (not while the tab is hidden), and the tab hears only of what changed. One
@@ -477,14 +489,18 @@ class Live:
             self.watching.add(session)
             try:
                 update = await asyncio.to_thread(self.look, seen, True)
-                while True:
+                said = time.monotonic()
+                while session not in self.closed:
+                    if update is None and time.monotonic() - said >= KEEPALIVE_S:
+                        update = (self.gr.skip(),) * (1 + len(PARTS))  # lets Gradio end it if the tab is gone
                     if update is not None:
                         yield update
+                        said = time.monotonic()
                     await asyncio.sleep(self.refresh)
                     update = None if session in self.hidden else await asyncio.to_thread(self.look, seen)
             finally:
-                self.watching.discard(session)
-                self.hidden.discard(session)
+                for sessions in (self.watching, self.hidden, self.closed):
+                    sessions.discard(session)
 
         watch.__annotations__ = {"request": self.gr.Request}  # Gradio passes the request by this type
         return watch
@@ -587,6 +603,7 @@ def build(folders: list[Folder], compares: list[Path], cfg: DashboardConfig):
         said.click(live.telling(), inputs=[visibility], js="() => document.visibilityState", show_progress="hidden",
                    queue=False)
         page.load(None, js=VISIBILITY_JS)
+        page.unload(live.closing())
     return page
 
 

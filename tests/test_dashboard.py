@@ -267,7 +267,7 @@ def test_a_tab_hears_only_of_what_changed(trained, tmp_path):
     assert not any(map(skipped, live.update({}, True)))  # another tab, opened now, gets everything
 
 
-def test_a_hidden_tab_hears_nothing_until_it_is_shown(trained):
+def test_a_hidden_tab_hears_nothing_until_it_is_shown_and_a_closed_one_ends(trained, monkeypatch):
     import asyncio
     from types import SimpleNamespace
 
@@ -288,9 +288,13 @@ def test_a_hidden_tab_hears_nothing_until_it_is_shown(trained):
             await asyncio.wait_for(asyncio.shield(pending := asyncio.ensure_future(anext(stream))), 0.5)
         live.shown("visible", tab)
         assert "iter 15" in (await asyncio.wait_for(pending, 5))[0]  # and it hears at once when shown
-        await stream.aclose()
+        live.closing()(tab)  # Gradio's unload: the tab was closed, its stream ends
+        with pytest.raises(StopAsyncIteration):
+            await asyncio.wait_for(anext(stream), 5)
+        monkeypatch.setattr(dashboard, "KEEPALIVE_S", 0.05)  # nothing new for a while: an empty update
+        assert all(u == gr.skip() for u in await asyncio.wait_for(anext(others), 5))
         await others.aclose()
-        assert live.hidden == set()
+        assert live.watching == live.hidden == live.closed == set()
 
     asyncio.run(watch())
 
