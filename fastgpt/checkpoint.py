@@ -144,6 +144,19 @@ def tokenizer_state(ckpt: dict) -> dict:
     return ckpt["tokenizer"] if "tokenizer" in ckpt else {"kind": "char", "vocab": ckpt["vocab"]}
 
 
+def read_tokenizer(path: str | Path) -> Tokenizer:
+    """A fastgpt checkpoint's tokenizer with its weights left unread (the file memory-mapped, weights_only):
+    for what needs only the vocabulary. A missing, damaged or foreign file is a UserError."""
+    path = Path(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # missing, truncated, not a checkpoint: the same to a user
+        raise UserError(f"{path} is not a readable fastgpt checkpoint: use another checkpoint") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or not ("tokenizer" in ckpt or "vocab" in ckpt):
+        raise UserError(f"{path} is not a fastgpt checkpoint with a tokenizer: use one written by fastgpt.train")
+    return from_state(tokenizer_state(ckpt))
+
+
 def model_from_checkpoint(ckpt: dict, path: str | Path) -> tuple[LanguageModel, Tokenizer]:
     """The model (on the CPU, eval mode) and tokenizer stored in a loaded checkpoint."""
     try:

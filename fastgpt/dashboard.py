@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from fastgpt.checkpoint import load_checkpoint, model_from_checkpoint
+from fastgpt.checkpoint import load_checkpoint, model_from_checkpoint, read_tokenizer
 from fastgpt.cli import UserError, parse_command, run_main
 from fastgpt.compare import COINCIDE
 from fastgpt.model import MODELS
@@ -379,10 +379,10 @@ class Live:
 
     def run_prompt(self, i: int) -> str:
         """The prompt of a run's evaluation samples: its tokenizer's default prompt, once the checkpoint is
-        readable (until then the samples show without it)."""
+        readable (until then the samples show without it). Only the tokenizer is read, not the weights."""
         if i not in self.prompts:
             try:
-                self.prompts[i] = default_prompt(self.models.get(i, "ckpt.pt")[1])
+                self.prompts[i] = default_prompt(read_tokenizer(self.folders[i].path / "ckpt.pt"))
             except Exception:  # no checkpoint yet, or damaged: the attention and generation tabs say which
                 return ""
         return self.prompts[i]

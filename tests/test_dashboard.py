@@ -12,7 +12,7 @@ import torch
 
 from conftest import SMALL_TRAINER
 from fastgpt import dashboard, train
-from fastgpt.checkpoint import load_checkpoint, model_from_checkpoint
+from fastgpt.checkpoint import load_checkpoint, model_from_checkpoint, read_tokenizer
 from fastgpt.cli import UserError
 from fastgpt.dashboard import Folder, Models, folders_of, label_folders
 from fastgpt.sample import complete
@@ -313,3 +313,19 @@ def test_a_look_that_fails_is_a_message_and_the_next_starts_afresh(trained, monk
     monkeypatch.setattr(live, "parts", real)
     status, *parts = live.look(seen)  # readable again: everything redrawn
     assert "iter 10" in status and not any(isinstance(p, dict) and p == gr.skip() for p in parts)
+
+
+def test_the_samples_prompt_comes_from_the_tokenizer_alone(trained, tmp_path, monkeypatch):
+    gr = pytest.importorskip("gradio")
+    folders, _ = folders_of([str(trained)])
+    models = Models(folders, torch.device("cpu"))
+    monkeypatch.setattr(models, "get", lambda *a: pytest.fail("a whole model loaded for the samples' prompt"))
+    live = dashboard.Live(gr, folders, [], models)
+    tokenizer = model_from_checkpoint(load_checkpoint(trained / "ckpt.pt"), trained / "ckpt.pt")[1]
+    assert live.run_prompt(0) == default_prompt(tokenizer)
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "ckpt.pt").write_bytes((trained / "ckpt.pt").read_bytes()[:1000])
+    assert dashboard.Live(gr, folders_of([str(damaged)])[0], [], models).run_prompt(0) == ""
+    with pytest.raises(UserError, match="not a readable fastgpt checkpoint"):
+        read_tokenizer(damaged / "ckpt.pt")
