@@ -35,14 +35,16 @@ def save_checkpoint(path: str | Path, payload: dict) -> None:
                         f"space or choose a writable --out_dir") from None
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """Read a fastgpt checkpoint onto the CPU; a missing, truncated or foreign file is a UserError."""
+def open_checkpoint(path: str | Path, mmap: bool = False) -> dict:
+    """A fastgpt checkpoint as stored, its format and version checked (its contents are check_contents'
+    work): read onto the CPU, or with `mmap` memory-mapped (a tensor is read only when used). A missing,
+    truncated or foreign file is a UserError."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"no checkpoint at {path}: train one with python -m fastgpt.train, or give the "
                         f"path of an existing one")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except PermissionError as e:
         raise UserError(f"cannot read {path} ({e.strerror}): check its permissions") from None
     except Exception:  # torch raises many types for damaged files; all mean the same to a user
@@ -53,7 +55,14 @@ def load_checkpoint(path: str | Path) -> dict:
     if ckpt.get("version") != VERSION:
         raise UserError(f"{path} is a version {ckpt.get('version')} checkpoint; this fastgpt reads "
                         f"version {VERSION}: use a matching fastgpt")
-    check_contents(ckpt, path)
+    return ckpt
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Read a fastgpt checkpoint onto the CPU, validated (check_contents); a missing, truncated, foreign
+    or damaged file is a UserError."""
+    ckpt = open_checkpoint(path)
+    check_contents(ckpt, Path(path))
     return ckpt
 
 
@@ -145,15 +154,11 @@ def tokenizer_state(ckpt: dict) -> dict:
 
 
 def read_tokenizer(path: str | Path) -> Tokenizer:
-    """A fastgpt checkpoint's tokenizer with its weights left unread (the file memory-mapped, weights_only):
-    for what needs only the vocabulary. A missing, damaged or foreign file is a UserError."""
-    path = Path(path)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # missing, truncated, not a checkpoint: the same to a user
-        raise UserError(f"{path} is not a readable fastgpt checkpoint: use another checkpoint") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or not ("tokenizer" in ckpt or "vocab" in ckpt):
-        raise UserError(f"{path} is not a fastgpt checkpoint with a tokenizer: use one written by fastgpt.train")
+    """A fastgpt checkpoint's tokenizer with its weights left unread (memory-mapped): for what needs only
+    the vocabulary. A missing, damaged or foreign file, or one without a tokenizer, is a UserError."""
+    ckpt = open_checkpoint(path, mmap=True)
+    if "tokenizer" not in ckpt and "vocab" not in ckpt:
+        raise UserError(f"{path} holds no tokenizer: use a checkpoint written by python -m fastgpt.train")
     return from_state(tokenizer_state(ckpt))
 
 

@@ -74,7 +74,8 @@ def train_config(path: Path) -> dict:
     if not ckpt.is_file():
         return {}
     try:
-        config = torch.load(ckpt, map_location="cpu", weights_only=True).get("train_config") or {}
+        # memory-mapped: only the pickled configs are read, not the weights and optimizer state
+        config = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True).get("train_config") or {}
     except Exception:  # damaged or foreign
         return {}
     return config if isinstance(config, dict) else {}
